@@ -1,0 +1,3 @@
+from effad_hpc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""The ``effad-hpc`` command: a thin layer over the stage functions.
+
+Every subcommand that takes ``--config`` also takes trailing ``KEY.SUB=VALUE`` overrides, which
+pass the same validation as the file. Bad input exits with status 2 and one message naming the
+file, key or value; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from effad_hpc.errors import EffadError
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, type=Path, help="experiment YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="override a config value")
+
+
+def _load(args: argparse.Namespace):
+    from effad_hpc.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from effad_hpc.config import config_hash, to_yaml
+
+    config = _load(args)
+    print(f"# config hash: {config_hash(config)}")
+    print(to_yaml(config), end="")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from effad_hpc.config import SyntheticConfig
+    from effad_hpc.data.synthetic import generate
+
+    options = SyntheticConfig(seed=args.seed, size=args.size, num_train=args.num_train,
+                              num_validation=args.num_validation, num_test_good=args.num_test_good,
+                              num_test_per_defect=args.num_test_per_defect)
+    try:
+        names = generate(args.layout, args.out, args.categories, options)
+    except ValueError as exc:
+        raise EffadError(str(exc)) from None
+    layout = "MVTec AD" if args.layout == "ad" else "MVTec LOCO AD"
+    print(f"{layout} layout, categories {', '.join(names)}: {args.out.resolve()}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from effad_hpc.data import categories_of
+    from effad_hpc.features.extract import extract_category, parse_shard
+
+    config = _load(args)
+    shard = parse_shard(args.shard) if args.shard else None
+    for category in [args.category] if args.category else categories_of(config):
+        result = extract_category(config, category, shard, show_progress=not args.quiet)
+        state = "complete" if result.manifest_written else "waiting for other shards"
+        print(f"{category}: wrote {len(result.written)}, skipped {len(result.skipped)} complete shard(s); "
+              f"store {state}: {result.store}")
+    return 0
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from effad_hpc.features.backbones import create_model
+    from effad_hpc.features.weights import prefetch
+
+    config = _load(args)
+    print(prefetch(create_model(config.backbone), config.backbone))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="effad-hpc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved, validated config and its hash")
+    _add_config(p)
+    p.set_defaults(run=cmd_config)
+
+    p = sub.add_parser("synth", help="write a synthetic data set in the MVTec AD or LOCO layout")
+    p.add_argument("--layout", choices=["ad", "loco"], required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--categories", nargs="+", default=None, help="default: every category of the layout")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="image height in pixels")
+    p.add_argument("--num-train", type=int, default=40)
+    p.add_argument("--num-validation", type=int, default=10, help="LOCO validation/good images")
+    p.add_argument("--num-test-good", type=int, default=10)
+    p.add_argument("--num-test-per-defect", type=int, default=4)
+    p.set_defaults(run=cmd_synth)
+
+    p = sub.add_parser("extract", help="extract backbone features into the sharded HDF5 store")
+    _add_config(p)
+    p.add_argument("--category", help="default: every category of the config")
+    p.add_argument("--shard", help="write only shard I of N (I/N), e.g. from a job array")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_extract)
+
+    p = sub.add_parser("prefetch", help="download the weights a config needs (on a login node with internet)")
+    _add_config(p)
+    p.set_defaults(run=cmd_prefetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except EffadError as exc:
+        print(f"effad-hpc: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,235 @@
+"""Typed, validated experiment configs.
+
+A config is a YAML file (see ``configs/``) validated into :class:`ExperimentConfig`. Every key is
+declared here with its type and default; an unknown key or a value of the wrong type is a
+:class:`~effad_hpc.errors.ConfigError` naming the file and the dotted key. Command-line overrides
+(``data.image_size=512``) are merged into the YAML before validation, so they pass the same checks.
+
+Relative paths are resolved against the working directory when the config is loaded, so the
+resolved config that every run writes beside its outputs (:func:`write_resolved_config`) means
+the same thing wherever a job later reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from effad_hpc.errors import ConfigError
+from effad_hpc.utils.atomic import atomic_write_text
+
+
+def _absolute(path: Path) -> Path:
+    return path.expanduser().absolute()
+
+
+# YAML gives paths as strings; accept those (strict mode would not) and make them absolute.
+ConfigPath = Annotated[Path, Field(strict=False), AfterValidator(_absolute)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class Section(BaseModel):
+    """A config section: immutable, no unknown keys, no silent type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticConfig(Section):
+    """Generate ``data.root`` with the synthetic generator when it does not exist yet."""
+
+    seed: int = 0
+    size: PositiveInt = 128
+    """Height of the generated images in pixels (LOCO scenes are wider than high)."""
+    num_train: PositiveInt = 40
+    num_validation: PositiveInt = 10
+    """Images in LOCO's validation/good (MVTec AD layouts draw validation from train)."""
+    num_test_good: PositiveInt = 10
+    num_test_per_defect: PositiveInt = 4
+
+
+class DataConfig(Section):
+    layout: Literal["mvtec_ad", "mvtec_loco"]
+    """``mvtec_ad`` also reads any folder in the MVTec AD layout."""
+    root: ConfigPath
+    """Folder that holds one sub-folder per category."""
+    categories: list[str] | None = None
+    """Categories to use; ``null`` means every category folder under ``root``."""
+    image_size: PositiveInt = 256
+    """Images are resized to image_size x image_size before the backbone."""
+    validation_fraction: Fraction = 0.1
+    """MVTec AD only: seeded fraction of train/good held out for validation."""
+    synthetic: SyntheticConfig | None = None
+
+
+class BackboneConfig(Section):
+    name: str = "tf_efficientnet_lite0"
+    """A timm model name."""
+    layers: Annotated[list[str], Field(min_length=1)] = ["blocks.4"]
+    """Module names whose outputs are the features, e.g. ``blocks.5`` (EfficientNet stage 5)."""
+    pretrained: bool = True
+    """``false`` builds random weights on purpose (shape tests only); never a silent fallback."""
+    weights_path: ConfigPath | None = None
+    """A state-dict file (timm key names) to load instead of the cache."""
+    cache_dir: ConfigPath | None = None
+    """Hugging Face / timm cache that ``effad-hpc prefetch`` fills on a login node."""
+
+
+class FeaturesConfig(Section):
+    """How backbone features are extracted into the sharded HDF5 store."""
+
+    dtype: Literal["float16", "float32"] = "float16"
+    compression: Literal["gzip", "lzf", "none"] = "lzf"
+    compression_level: Annotated[int, Field(ge=0, le=9)] = 4
+    """gzip only."""
+    shards: PositiveInt = 1
+    """Shards per split; each shard can be written by its own job (``--shard I/N``)."""
+    batch_size: PositiveInt = 8
+    num_workers: NonNegativeInt = 0
+
+
+class TeacherConfig(Section):
+    """AST normalizing-flow teacher (SPEC section 2)."""
+
+    coupling_blocks: PositiveInt = 4
+    hidden_channels: PositiveInt = 1024
+    kernel_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [3, 3, 3, 5]
+    clamp: PositiveFloat = 3.0
+    pos_enc_channels: PositiveInt = 32
+    lr: PositiveFloat = 2e-4
+    adam_eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
+    batch_size: PositiveInt = 8
+    epochs: PositiveInt = 240
+
+
+class StudentConfig(Section):
+    """AST student and the EfficientAD-AST student + feature autoencoder (SPEC sections 2-3)."""
+
+    hidden_channels: PositiveInt = 1024
+    residual_blocks: PositiveInt = 4
+    lr: PositiveFloat = 2e-4
+    adam_eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
+    batch_size: PositiveInt = 8
+    epochs: PositiveInt = 100
+    patience_fraction: Fraction = 0.1
+    """Early-stopping patience as a fraction of ``epochs`` (validation split only)."""
+    loss_percentile: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """1.0 uses every element (thesis); 0.999 is EfficientAD's hard feature loss."""
+    penalty_images: ConfigPath | None = None
+    """Optional ImageNet-like image folder for the penalty loss."""
+
+
+class RunConfig(Section):
+    out_dir: ConfigPath = Path("runs/default")
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    mixed_precision: bool = True
+    """Autocast on GPU; the CPU always computes in float32."""
+
+
+class ExperimentConfig(Section):
+    name: str
+    seed: int = 0
+    data: DataConfig
+    backbone: BackboneConfig = BackboneConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    run: RunConfig = RunConfig()
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY.SUB=VALUE")
+    *parents, leaf = key.split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ConfigError(f"override {override!r}: {where} is a value, not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = f"{item['msg']} (got {item['input']!r})"
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Validate an already-parsed YAML document (plus overrides) into an ExperimentConfig."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    for override in overrides:
+        _apply_override(raw, override)
+    if overrides:
+        source = f"{source} (with overrides {' '.join(overrides)})"
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(raw if raw is not None else {}, str(path), overrides)
+
+
+# --- hashing and writing -------------------------------------------------------------------
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hash of a JSON-able object that does not depend on key order or Python's hash seed."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    return stable_hash(config.model_dump(mode="json"))
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+CONFIG_FILENAME = "config.yaml"
+
+
+def write_resolved_config(config: ExperimentConfig, folder: Path) -> str:
+    """Write the resolved config to ``folder/config.yaml`` (hash in its first line); return the hash."""
+    digest = config_hash(config)
+    atomic_write_text(Path(folder) / CONFIG_FILENAME, f"# config hash: {digest}\n{to_yaml(config)}")
+    return digest

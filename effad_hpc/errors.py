@@ -1,0 +1,25 @@
+"""Errors that effad-hpc raises for bad input: each names the file, key or value at fault.
+
+The CLI prints these as one line and exits with status 2; anything else is a bug and keeps
+its traceback.
+"""
+
+
+class EffadError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+
+class ConfigError(EffadError):
+    """A config file or override is malformed: unknown key, wrong type, invalid value."""
+
+
+class DataError(EffadError):
+    """A data set on disk does not follow its layout, or a file in it cannot be read."""
+
+
+class WeightsError(EffadError):
+    """Pretrained weights a backbone needs are missing or do not fit the model."""
+
+
+class StoreError(EffadError):
+    """A feature store on disk is missing, incomplete or does not match the config."""

@@ -1,0 +1,135 @@
+"""Extraction stage: backbone features of a category's train, validation and test splits -> HDF5.
+
+One backbone pass per image; a rerun skips every shard whose file and record are complete and
+current (same feature key, checksum intact) and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader, Subset
+
+from effad_hpc.config import ExperimentConfig, stable_hash, write_resolved_config
+from effad_hpc.data import SPLITS, ImageDataset, load_category
+from effad_hpc.errors import ConfigError
+from effad_hpc.features.backbones import Backbone, build_backbone
+from effad_hpc.features.store import (
+    STORE_VERSION,
+    SampleInfo,
+    ShardWriter,
+    completed_record,
+    shard_bounds,
+    write_manifest_if_complete,
+)
+from effad_hpc.utils.device import autocast, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def feature_key(config: ExperimentConfig) -> str:
+    """Hash of everything that changes the stored features (not compression, not sharding)."""
+    data = config.data
+    return stable_hash({
+        "store_version": STORE_VERSION,
+        "data": {"layout": data.layout, "root": str(data.root), "image_size": data.image_size,
+                 "validation_fraction": data.validation_fraction, "seed": config.seed},
+        "backbone": config.backbone.model_dump(mode="json"),
+        "dtype": config.features.dtype,
+    })
+
+
+def store_dir(config: ExperimentConfig, category: str) -> Path:
+    return config.run.out_dir / "features" / category
+
+
+@dataclass
+class ExtractResult:
+    store: Path
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    manifest_written: bool = False
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
+def _extract_shard(backbone: Backbone, loader: DataLoader, writer: ShardWriter, infos: list[SampleInfo],
+                   device: torch.device, mixed_precision: bool, progress: Progress, task) -> None:
+    np_dtype = writer.dtype
+    for batch in loader:
+        with torch.no_grad(), autocast(device, mixed_precision):
+            features = backbone.extractor(batch["image"].to(device, non_blocking=True))
+        arrays = {name: f.float().cpu().numpy().astype(np_dtype) for name, f in features.items()}
+        writer.write(arrays, [infos[i] for i in batch["index"].tolist()])
+        progress.advance(task, len(batch["index"]))
+
+
+def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, int] | None = None,
+                     show_progress: bool = True) -> ExtractResult:
+    """Write this category's shards (all of them, or shard I of N) and the manifest when complete."""
+    num_shards = config.features.shards
+    if shard is not None and shard[1] != num_shards:
+        raise ConfigError(f"--shard {shard[0]}/{shard[1]}: the config has features.shards={num_shards}")
+    shards = [shard[0]] if shard is not None else list(range(num_shards))
+    data = load_category(config, category)
+    key = feature_key(config)
+    folder = store_dir(config, category)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(config, config.run.out_dir)
+    result = ExtractResult(folder)
+
+    todo = []
+    for split in SPLITS:
+        for index in shards:
+            name = f"{split} shard {index}/{num_shards}"
+            if completed_record(folder, split, index, num_shards, key) is not None:
+                result.skipped.append(name)
+            else:
+                todo.append((split, index, name))
+    if todo:
+        backbone = build_backbone(config.backbone)
+        device = resolve_device(config.run.device)
+        backbone.extractor.to(device)
+        size = config.data.image_size
+        meta = {"backbone": config.backbone.name, "weights": backbone.weights_source, "image_size": size,
+                "dtype": config.features.dtype,
+                "layers": [{"name": l.name, "channels": l.channels, "stride": l.stride, "map_size": l.map_size(size)}
+                           for l in backbone.layers]}
+        shapes = {l.name: (l.channels, l.map_size(size), l.map_size(size)) for l in backbone.layers}
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, disable=not show_progress) as progress:
+            for split, index, name in todo:
+                samples = data.samples(split)
+                infos = [SampleInfo(i, s.sample_id, s.label, s.defect_type, str(s.path)) for i, s in enumerate(samples)]
+                lo, hi = shard_bounds(len(samples), index, num_shards)
+                # Subset passes the split's own indices through, so batch["index"] indexes `infos`.
+                loader = DataLoader(Subset(ImageDataset(samples, size), range(lo, hi)),
+                                    batch_size=config.features.batch_size,
+                                    num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
+                writer = ShardWriter(folder, split, index, num_shards, hi - lo, shapes, config.features.dtype,
+                                     config.features.compression, config.features.compression_level,
+                                     feature_key=key, meta=meta)
+                task = progress.add_task(f"{category} {name}", total=hi - lo)
+                try:
+                    _extract_shard(backbone, loader, writer, infos, device, config.run.mixed_precision,
+                                   progress, task)
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                result.written.append(name)
+    result.manifest_written = write_manifest_if_complete(folder, SPLITS, num_shards, key)
+    return result

@@ -1,0 +1,269 @@
+"""Sharded HDF5 feature store: one folder per category, one file per split and shard.
+
+Layout of ``<store>/`` (one category)::
+
+    train-00000-of-00004.h5     features of samples [start, stop) of the split
+    train-00000-of-00004.json   record of that shard: samples, sha256, feature key
+    ...
+    manifest.json               all shards of all splits, written once every record exists
+
+Each shard holds ``features/<layer>`` (N, C, H, W) chunked per sample, plus ``index`` (position in
+the split), ``sample_id``, ``label``, ``defect_type`` and ``path``. A shard is written under a
+temporary name and renamed when complete, then its record is written: a killed writer leaves
+either nothing or a shard without a record, and both count as not done. Shards can be written by
+separate jobs at the same time (``--shard I/N``); whichever finishes last writes the manifest.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from effad_hpc.errors import StoreError
+from effad_hpc.utils.atomic import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
+
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+STRING = h5py.string_dtype()
+
+
+def shard_stem(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}-{shard:05d}-of-{num_shards:05d}"
+
+
+def shard_bounds(num_samples: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of shard ``shard``: sequential reads stay sequential on disk."""
+    edges = np.linspace(0, num_samples, num_shards + 1).round().astype(int)
+    return int(edges[shard]), int(edges[shard + 1])
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    index: int
+    sample_id: str
+    label: int
+    defect_type: str
+    path: str
+
+
+class ShardWriter:
+    """Fill one shard batch by batch; the file appears under its final name only on ``close``."""
+
+    def __init__(self, folder: Path, split: str, shard: int, num_shards: int, num_samples: int,
+                 layer_shapes: dict[str, tuple[int, int, int]], dtype: str, compression: str,
+                 compression_level: int, feature_key: str, meta: dict):
+        """``meta`` (backbone, layers, ...) goes into the shard's record and from there into the
+        manifest, so whichever writer finishes last can write the manifest."""
+        self.folder, self.stem = Path(folder), shard_stem(split, shard, num_shards)
+        self.final = self.folder / f"{self.stem}.h5"
+        self.num_samples, self.written = num_samples, 0
+        self.dtype, self.feature_key, self.meta = dtype, feature_key, meta
+        remove_stale_temps(self.folder, f"{self.stem}.h5")  # leftovers of killed writers
+        self._atomic = atomic_path(self.final)
+        self._tmp = self._atomic.__enter__()
+        self._file = h5py.File(self._tmp, "w")
+        options = {}
+        if compression != "none" and num_samples > 0:
+            options = {"compression": compression}
+            if compression == "gzip":
+                options["compression_opts"] = compression_level
+        for layer, (channels, height, width) in layer_shapes.items():
+            self._file.create_dataset(
+                f"features/{layer}", shape=(num_samples, channels, height, width), dtype=dtype,
+                chunks=(1, channels, height, width) if num_samples else None, **options)
+        self._file.create_dataset("index", shape=(num_samples,), dtype=np.int64)
+        self._file.create_dataset("label", shape=(num_samples,), dtype=np.int8)
+        for name in ("sample_id", "defect_type", "path"):
+            self._file.create_dataset(name, shape=(num_samples,), dtype=STRING)
+        self._file.attrs.update({"feature_key": feature_key, "split": split, "shard": shard,
+                                 "num_shards": num_shards, "meta": json.dumps(meta, sort_keys=True)})
+
+    def write(self, features: dict[str, np.ndarray], infos: Sequence[SampleInfo]) -> None:
+        lo, hi = self.written, self.written + len(infos)
+        for layer, array in features.items():
+            self._file[f"features/{layer}"][lo:hi] = array
+        self._file["index"][lo:hi] = [s.index for s in infos]
+        self._file["label"][lo:hi] = [s.label for s in infos]
+        self._file["sample_id"][lo:hi] = [s.sample_id for s in infos]
+        self._file["defect_type"][lo:hi] = [s.defect_type for s in infos]
+        self._file["path"][lo:hi] = [s.path for s in infos]
+        self.written = hi
+
+    def close(self) -> dict:
+        """Finish the shard, rename it into place, write its record and return the record."""
+        if self.written != self.num_samples:
+            raise RuntimeError(f"{self.final}: {self.written} of {self.num_samples} samples written")
+        self._file.close()
+        checksum = sha256_file(self._tmp)
+        self._atomic.__exit__(None, None, None)
+        record = {"file": self.final.name, "num_samples": self.num_samples, "sha256": checksum,
+                  "feature_key": self.feature_key, "meta": self.meta}
+        atomic_write_json(self.folder / f"{self.stem}.json", record)
+        return record
+
+    def abort(self) -> None:
+        self._file.close()
+        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+def completed_record(folder: Path, split: str, shard: int, num_shards: int, feature_key: str,
+                     verify: bool = True) -> dict | None:
+    """The record of a shard that is complete and current, else None (the shard must be redone)."""
+    stem = shard_stem(split, shard, num_shards)
+    record_path, data_path = Path(folder) / f"{stem}.json", Path(folder) / f"{stem}.h5"
+    if not (record_path.is_file() and data_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("feature_key") != feature_key:
+        return None
+    if verify and sha256_file(data_path) != record.get("sha256"):
+        return None
+    return record
+
+
+def write_manifest_if_complete(folder: Path, splits: Sequence[str], num_shards: int, feature_key: str) -> bool:
+    """Write ``manifest.json`` when every shard of every split has a current record."""
+    entries = {}
+    for split in splits:
+        records = []
+        for shard in range(num_shards):
+            record = completed_record(folder, split, shard, num_shards, feature_key, verify=False)
+            if record is None:
+                return False
+            records.append(record)
+        entries[split] = {"num_samples": sum(r["num_samples"] for r in records),
+                          "shards": [{k: v for k, v in r.items() if k != "meta"} for r in records]}
+    meta = records[0]["meta"]  # identical in every record: same feature key, same backbone
+    atomic_write_json(Path(folder) / MANIFEST, {"version": STORE_VERSION, "feature_key": feature_key,
+                                                "num_shards": num_shards, **meta, "splits": entries})
+    return True
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        pending = sorted(p.name for p in Path(folder).glob("*.h5")) if Path(folder).is_dir() else []
+        raise StoreError(f"{path}: no manifest: the feature store is missing or incomplete "
+                         f"({len(pending)} shard files present); run `effad-hpc extract` for this category")
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != STORE_VERSION:
+        raise StoreError(f"{path}: store version {manifest.get('version')}, expected {STORE_VERSION}")
+    return manifest
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+class _Shards:
+    """The shard files of one split; h5py handles are opened lazily, once per process."""
+
+    def __init__(self, folder: Path, split: str, expected_key: str | None):
+        manifest = read_manifest(folder)
+        if expected_key is not None and manifest["feature_key"] != expected_key:
+            raise StoreError(f"{Path(folder) / MANIFEST}: features were extracted with another config "
+                             f"(key {manifest['feature_key']}, expected {expected_key}); rerun extract")
+        if split not in manifest["splits"]:
+            raise StoreError(f"{Path(folder) / MANIFEST}: no split {split!r}")
+        self.manifest = manifest
+        self.paths = [Path(folder) / r["file"] for r in manifest["splits"][split]["shards"]]
+        self.counts = [r["num_samples"] for r in manifest["splits"][split]["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(int).tolist()
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def handle(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():  # a DataLoader worker: never reuse the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = h5py.File(self.paths[shard], "r")
+        return self._handles[shard]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        return shard, index - self.offsets[shard]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
+
+
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+class FeatureDataset(Dataset):
+    """All shards of one split as one map-style Dataset (random access, ``num_workers > 0`` safe).
+
+    Items are ``{"features": {layer: (C, H, W) float32}, "index", "label", "sample_id",
+    "defect_type", "path"}``. The metadata of every sample is read once at construction.
+    """
+
+    def __init__(self, folder: Path, split: str, layers: Sequence[str] | None = None,
+                 expected_key: str | None = None):
+        self._shards = _Shards(Path(folder), split, expected_key)
+        self.layers = list(layers) if layers else [layer["name"] for layer in self._shards.manifest["layers"]]
+        unknown = set(self.layers) - {layer["name"] for layer in self._shards.manifest["layers"]}
+        if unknown:
+            raise StoreError(f"{folder}: no features for layers {sorted(unknown)}")
+        columns: dict[str, list] = {"label": [], "sample_id": [], "defect_type": [], "path": []}
+        for path in self._shards.paths:
+            with h5py.File(path, "r") as shard:
+                columns["label"].extend(shard["label"][:].tolist())
+                for name in ("sample_id", "defect_type", "path"):
+                    columns[name].extend(shard[name].asstr()[:].tolist())
+        self.labels = np.asarray(columns["label"], dtype=np.int64)
+        self.sample_ids: list[str] = columns["sample_id"]
+        self.defect_types: list[str] = columns["defect_type"]
+        self.paths: list[str] = columns["path"]
+        self.manifest = self._shards.manifest
+
+    def __len__(self) -> int:
+        return self._shards.offsets[-1]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        shard, local = self._shards.locate(index)
+        handle = self._shards.handle(shard)
+        return {
+            "features": {layer: _to_tensor(handle[f"features/{layer}"][local]) for layer in self.layers},
+            "index": index, "label": int(self.labels[index]), "sample_id": self.sample_ids[index],
+            "defect_type": self.defect_types[index], "path": self.paths[index],
+        }
+
+    def stream(self, batch_size: int) -> FeatureStream:
+        return FeatureStream(self, batch_size)
+
+
+class FeatureStream(IterableDataset):
+    """Sequential reading in contiguous blocks of ``batch_size``; shards are divided among
+    DataLoader workers (use ``batch_size=None`` in the DataLoader: items are already batches)."""
+
+    def __init__(self, dataset: FeatureDataset, batch_size: int):
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        shards = self.dataset._shards
+        worker = get_worker_info()
+        mine = range(len(shards.paths)) if worker is None else range(worker.id, len(shards.paths), worker.num_workers)
+        for shard in mine:
+            handle = shards.handle(shard)
+            for lo in range(0, shards.counts[shard], self.batch_size):
+                hi = min(lo + self.batch_size, shards.counts[shard])
+                first = shards.offsets[shard]
+                yield {
+                    "features": {layer: _to_tensor(handle[f"features/{layer}"][lo:hi]) for layer in self.dataset.layers},
+                    "index": torch.arange(first + lo, first + hi),
+                    "label": torch.from_numpy(self.dataset.labels[first + lo:first + hi]),
+                }

