@@ -41,10 +41,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     options = SyntheticConfig(seed=args.seed, size=args.size, num_train=args.num_train,
                               num_validation=args.num_validation, num_test_good=args.num_test_good,
                               num_test_per_defect=args.num_test_per_defect)
-    try:
-        names = generate(args.layout, args.out, args.categories, options)
-    except ValueError as exc:
-        raise EffadError(str(exc)) from None
+    names = generate(args.layout, args.out, args.categories, options)
     layout = "MVTec AD" if args.layout == "ad" else "MVTec LOCO AD"
     print(f"{layout} layout, categories {', '.join(names)}: {args.out.resolve()}")
     return 0

@@ -95,7 +95,17 @@ class FeaturesConfig(Section):
     num_workers: NonNegativeInt = 0
 
 
-class TeacherConfig(Section):
+class OptimizedStage(Section):
+    """Adam settings and batch size shared by the trained stages (SPEC: Adam lr 2e-4, eps 1e-8,
+    weight decay 1e-5, batch 8)."""
+
+    lr: PositiveFloat = 2e-4
+    adam_eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
+    batch_size: PositiveInt = 8
+
+
+class TeacherConfig(OptimizedStage):
     """AST normalizing-flow teacher (SPEC section 2)."""
 
     coupling_blocks: PositiveInt = 4
@@ -103,22 +113,14 @@ class TeacherConfig(Section):
     kernel_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [3, 3, 3, 5]
     clamp: PositiveFloat = 3.0
     pos_enc_channels: PositiveInt = 32
-    lr: PositiveFloat = 2e-4
-    adam_eps: PositiveFloat = 1e-8
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
-    batch_size: PositiveInt = 8
     epochs: PositiveInt = 240
 
 
-class StudentConfig(Section):
+class StudentConfig(OptimizedStage):
     """AST student and the EfficientAD-AST student + feature autoencoder (SPEC sections 2-3)."""
 
     hidden_channels: PositiveInt = 1024
     residual_blocks: PositiveInt = 4
-    lr: PositiveFloat = 2e-4
-    adam_eps: PositiveFloat = 1e-8
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
-    batch_size: PositiveInt = 8
     epochs: PositiveInt = 100
     patience_fraction: Fraction = 0.1
     """Early-stopping patience as a fraction of ``epochs`` (validation split only)."""

@@ -6,7 +6,6 @@ current (same feature key, checksum intact) and redoes the rest.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +26,6 @@ from effad_hpc.features.store import (
     write_manifest_if_complete,
 )
 from effad_hpc.utils.device import autocast, resolve_device
-
-log = logging.getLogger(__name__)
-
 
 def feature_key(config: ExperimentConfig) -> str:
     """Hash of everything that changes the stored features (not compression, not sharding)."""

@@ -1,0 +1,48 @@
+"""Data sets on disk: MVTec AD / LOCO readers, a torch Dataset, and the synthetic generator."""
+
+from __future__ import annotations
+
+from effad_hpc.config import ExperimentConfig
+from effad_hpc.data.dataset import ImageDataset, resize_image
+from effad_hpc.data.mvtec import (
+    GOOD,
+    SPLITS,
+    CategoryData,
+    DefectSpec,
+    GroundTruthRegion,
+    Sample,
+    list_categories,
+    read_category,
+)
+
+__all__ = [
+    "GOOD", "SPLITS", "CategoryData", "DefectSpec", "GroundTruthRegion", "ImageDataset", "Sample",
+    "categories_of", "ensure_dataset", "list_categories", "load_category", "read_category",
+    "resize_image",
+]
+
+
+def ensure_dataset(config: ExperimentConfig) -> None:
+    """Generate the categories of a config's synthetic data set that are not on disk yet.
+
+    Safe to call from concurrent jobs: each category appears atomically, once.
+    """
+    data = config.data
+    if data.synthetic is None:
+        return
+    from effad_hpc.data.synthetic import generate
+
+    layout = "ad" if data.layout == "mvtec_ad" else "loco"
+    generate(layout, data.root, categories=data.categories, options=data.synthetic)
+
+
+def categories_of(config: ExperimentConfig) -> list[str]:
+    """The categories a config runs on: its list, or every category folder under the root."""
+    ensure_dataset(config)
+    return list(config.data.categories) if config.data.categories else list_categories(config.data.root)
+
+
+def load_category(config: ExperimentConfig, name: str) -> CategoryData:
+    ensure_dataset(config)
+    return read_category(config.data.root / name, config.data.layout,
+                         config.data.validation_fraction, config.seed)
