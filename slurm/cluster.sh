@@ -175,6 +175,15 @@ EOF
 
 down() {
     [ -d "$DIR/run" ] || return 0
+    # Cancel this cluster's jobs through Slurm first: their slurmstepd processes run in sessions
+    # of their own and would outlive the daemons.
+    if [ -f "$DIR/etc/slurm.conf" ] && SLURM_CONF="$DIR/etc/slurm.conf" scontrol ping >/dev/null 2>&1; then
+        SLURM_CONF="$DIR/etc/slurm.conf" scancel --quiet --full --user="$(id -un)" 2>/dev/null || true
+        for _ in $(seq 20); do
+            [ -z "$(SLURM_CONF="$DIR/etc/slurm.conf" squeue -h 2>/dev/null)" ] && break
+            sleep 0.5
+        done
+    fi
     # Clients first, storage last, so nothing is left waiting on a dead peer.
     local name pid
     for name in slurmd slurmctld slurmdbd mariadbd munged; do
@@ -187,8 +196,6 @@ down() {
         fi
         rm -f "$DIR/run/$name.pid"
     done
-    # Jobs launched by slurmd (slurmstepd and their children) run in sessions of their own.
-    pkill -KILL -f "slurmstepd.*$DIR" 2>/dev/null || true
 }
 
 status() {

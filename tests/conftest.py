@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -85,6 +86,15 @@ def slurm_cluster(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("slurm")
     script = REPO / "slurm" / "cluster.sh"
+
+    def down() -> None:
+        subprocess.run(["bash", str(script), "down", str(folder)], capture_output=True, timeout=120)
+
+    def down_on_sigterm(signum, frame):  # a CI time-out or kill: no daemon may outlive the session
+        down()
+        raise SystemExit(128 + signum)
+
+    previous_handler = signal.signal(signal.SIGTERM, down_on_sigterm)
     up = subprocess.run(["bash", str(script), "up", str(folder)], capture_output=True, text=True, timeout=600)
     try:
         if up.returncode != 0:
@@ -101,4 +111,5 @@ def slurm_cluster(tmp_path_factory):
         else:
             os.environ["SLURM_CONF"] = previous
     finally:
-        subprocess.run(["bash", str(script), "down", str(folder)], capture_output=True, timeout=120)
+        down()
+        signal.signal(signal.SIGTERM, previous_handler)

@@ -6,13 +6,15 @@ import contextlib
 
 import torch
 
+from effad_hpc.errors import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when a GPU is visible; ``cuda`` without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but torch sees no CUDA device")
+        raise ConfigError(f"run.device: {name!r} was asked for, but torch sees no CUDA device (use auto or cpu)")
     return torch.device(name)
 
 
