@@ -151,6 +151,11 @@ class Layout:
     parts: list[Part]
     regions: list[tuple[str, list[Part]]]  # logical defect name and the parts that show it
 
+    def remove_random_part(self, rng: Rng) -> None:
+        """The "missing_part" anomaly, alike in every scene: its region is where the part was."""
+        gone = self.parts.pop(int(rng.integers(len(self.parts))))
+        self.regions.append(("missing_part", [gone]))
+
 
 def tray_layout(rng: Rng) -> Layout:
     parts: list[Part] = []
@@ -170,8 +175,7 @@ def pin_layout(rng: Rng) -> Layout:
 def _tray_logical(name: str, layout: Layout, rng: Rng) -> None:
     parts = layout.parts
     if name == "missing_part":
-        gone = parts.pop(int(rng.integers(len(parts))))
-        layout.regions.append((name, [gone]))
+        layout.remove_random_part(rng)
     elif name == "extra_part":
         target = TRAY_COMPARTMENTS[int(rng.integers(len(TRAY_COMPARTMENTS)))]
         extra = _place(rng, target, parts, ASPECT)
@@ -197,8 +201,7 @@ def _tray_logical(name: str, layout: Layout, rng: Rng) -> None:
 def _pin_logical(name: str, layout: Layout, rng: Rng) -> None:
     parts = layout.parts
     if name == "missing_part":
-        gone = parts.pop(int(rng.integers(len(parts))))
-        layout.regions.append((name, [gone]))
+        layout.remove_random_part(rng)
     elif name == "swapped_pins":
         i, j = 0, 0
         while PIN_COLOURS[i] == PIN_COLOURS[j]:
