@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from effad_hpc.errors import StoreError
-from effad_hpc.utils.atomic import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
+from effad_hpc.utils.atomic import atomic_write_json, new_temp_path, publish, remove_stale_temps, sha256_file
 
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -68,8 +68,7 @@ class ShardWriter:
         self.num_samples, self.written = num_samples, 0
         self.dtype, self.feature_key, self.meta = dtype, feature_key, meta
         remove_stale_temps(self.folder, f"{self.stem}.h5")  # leftovers of killed writers
-        self._atomic = atomic_path(self.final)
-        self._tmp = self._atomic.__enter__()
+        self._tmp = new_temp_path(self.final)
         self._file = h5py.File(self._tmp, "w")
         options = {}
         if compression != "none" and num_samples > 0:
@@ -104,7 +103,7 @@ class ShardWriter:
             raise RuntimeError(f"{self.final}: {self.written} of {self.num_samples} samples written")
         self._file.close()
         checksum = sha256_file(self._tmp)
-        self._atomic.__exit__(None, None, None)
+        publish(self._tmp, self.final)
         record = {"file": self.final.name, "num_samples": self.num_samples, "sha256": checksum,
                   "feature_key": self.feature_key, "meta": self.meta}
         atomic_write_json(self.folder / f"{self.stem}.json", record)
@@ -112,7 +111,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._file.close()
-        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        self._tmp.unlink(missing_ok=True)
 
 
 def completed_record(folder: Path, split: str, shard: int, num_shards: int, feature_key: str,

@@ -18,23 +18,31 @@ from typing import Any
 TEMP_MARK = ".tmp-"
 
 
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it to ``final`` if the block succeeds.
-
-    The temporary file is removed when the block raises. Its name contains ``TEMP_MARK`` so that
-    leftovers of killed processes can be recognised and cleaned (see ``remove_stale_temps``).
-    """
+def new_temp_path(final: Path) -> Path:
+    """An empty temporary file beside ``final``, named with ``TEMP_MARK`` so that leftovers of
+    killed processes can be recognised and cleaned (see ``remove_stale_temps``)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}{TEMP_MARK}", dir=final.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    return Path(tmp_name)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Flush ``tmp`` to disk, then rename it to ``final``: the name says "done" only after the data."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; publish it as ``final`` if the block succeeds,
+    remove it if the block raises."""
+    tmp = new_temp_path(final)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:  # the data must be on disk before the name says "done"
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        publish(tmp, Path(final))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

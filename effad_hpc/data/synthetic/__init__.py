@@ -2,7 +2,7 @@
 
 Deterministic for a seed: every image draws from its own generator seeded by (seed, category,
 split, index), so a category's images do not change when other categories or counts change.
-The whole data set is written to a temporary folder and renamed into place when complete.
+Each category is written to a temporary folder and renamed into place when complete.
 """
 
 from __future__ import annotations
