@@ -61,6 +61,24 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from effad_hpc.data import categories_of
+    from effad_hpc.training import recipe, stage_dir, train
+
+    config = _load(args)
+    models = args.model or list(config.models)
+    for model in models:
+        recipe(model)  # an unknown name fails before any work starts
+    for category in [args.category] if args.category else categories_of(config):
+        for model in models:
+            for record in train(config, model, category, args.stage, show_progress=not args.quiet):
+                state = "stopped early" if record.stopped_early else "all epochs"
+                print(f"{category} {model} {record.stage}: best epoch {record.best_epoch} of {record.final_epoch} "
+                      f"({state}), validation {record.best_validation:.5g}, {record.train_seconds:.1f} s: "
+                      f"{stage_dir(config, category, record.stage)}")
+    return 0
+
+
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from effad_hpc.features.backbones import create_model
     from effad_hpc.features.weights import prefetch
@@ -96,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="write only shard I of N (I/N), e.g. from a job array")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_extract)
+
+    p = sub.add_parser("train", help="train a model's stages for one or every category (resumes, skips what is done)")
+    _add_config(p)
+    p.add_argument("--model", action="append", help="registered model name, repeatable (default: the config's models)")
+    p.add_argument("--category", help="default: every category of the config")
+    p.add_argument("--stage", action="append", help="run only this stage of the model, repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("prefetch", help="download the weights a config needs (on a login node with internet)")
     _add_config(p)

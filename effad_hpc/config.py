@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from effad_hpc.errors import ConfigError
 from effad_hpc.utils.atomic import atomic_write_text
@@ -95,39 +95,65 @@ class FeaturesConfig(Section):
     num_workers: NonNegativeInt = 0
 
 
-class OptimizedStage(Section):
-    """Adam settings and batch size shared by the trained stages (SPEC: Adam lr 2e-4, eps 1e-8,
-    weight decay 1e-5, batch 8)."""
+class TrainedStage(Section):
+    """Optimizer, schedule, validation and data source shared by the trained stages (SPEC: Adam
+    lr 2e-4, eps 1e-8, weight decay 1e-5, batch 8)."""
 
     lr: PositiveFloat = 2e-4
     adam_eps: PositiveFloat = 1e-8
     weight_decay: Annotated[float, Field(ge=0)] = 1e-5
     batch_size: PositiveInt = 8
+    epochs: PositiveInt = 100
+    lr_drop_at: Fraction | None = None
+    """Multiply the learning rate by 0.1 after this fraction of the epochs (EfficientAD: 0.95)."""
+    validate_every: PositiveInt = 1
+    """Epochs between validation passes; the best checkpoint is chosen on the validation split."""
+    patience_fraction: Fraction | None = None
+    """Early stopping: stop after this fraction of ``epochs`` without a better validation value
+    (validation split only, never test labels); ``null`` trains every epoch."""
+    feature_source: Literal["stored", "on_the_fly"] = "stored"
+    """Read features from the HDF5 store, or run the frozen backbone on every batch."""
 
 
-class TeacherConfig(OptimizedStage):
+class TeacherConfig(TrainedStage):
     """AST normalizing-flow teacher (SPEC section 2)."""
 
     coupling_blocks: PositiveInt = 4
     hidden_channels: PositiveInt = 1024
     kernel_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [3, 3, 3, 5]
     clamp: PositiveFloat = 3.0
-    pos_enc_channels: PositiveInt = 32
+    pos_enc_channels: Annotated[int, Field(gt=0, multiple_of=4)] = 32
     epochs: PositiveInt = 240
 
+    @model_validator(mode="after")
+    def _one_kernel_size_per_block(self) -> TeacherConfig:
+        if len(self.kernel_sizes) != self.coupling_blocks:
+            raise ValueError(f"kernel_sizes has {len(self.kernel_sizes)} entries for {self.coupling_blocks} "
+                             "coupling_blocks: give one kernel size per block")
+        return self
 
-class StudentConfig(OptimizedStage):
+
+class StudentConfig(TrainedStage):
     """AST student and the EfficientAD-AST student + feature autoencoder (SPEC sections 2-3)."""
 
     hidden_channels: PositiveInt = 1024
     residual_blocks: PositiveInt = 4
-    epochs: PositiveInt = 100
-    patience_fraction: Fraction = 0.1
-    """Early-stopping patience as a fraction of ``epochs`` (validation split only)."""
+    patience_fraction: Fraction | None = 0.1
     loss_percentile: Annotated[float, Field(gt=0, le=1)] = 1.0
     """1.0 uses every element (thesis); 0.999 is EfficientAD's hard feature loss."""
     penalty_images: ConfigPath | None = None
-    """Optional ImageNet-like image folder for the penalty loss."""
+    """Optional ImageNet-like image folder for the penalty loss (searched recursively)."""
+    ae_channels: PositiveInt = 64
+    """Autoencoder code width (EfficientAD-AST only)."""
+    ae_upsampling_stages: NonNegativeInt = 2
+    """Nearest x2 upsampling steps in the autoencoder's decoder before pooling back to the grid."""
+    ae_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+
+
+class InferenceConfig(Section):
+    score: Literal["max", "mean"] = "max"
+    """Image score from the combined anomaly map."""
+    batch_size: PositiveInt = 8
 
 
 class RunConfig(Section):
@@ -140,11 +166,14 @@ class RunConfig(Section):
 class ExperimentConfig(Section):
     name: str
     seed: int = 0
+    models: Annotated[list[str], Field(min_length=1)] = ["efficientad_ast"]
+    """Registered model names (see ``effad-hpc train --help``) that a run trains and evaluates."""
     data: DataConfig
     backbone: BackboneConfig = BackboneConfig()
     features: FeaturesConfig = FeaturesConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
+    inference: InferenceConfig = InferenceConfig()
     run: RunConfig = RunConfig()
 
 

@@ -23,3 +23,11 @@ class WeightsError(EffadError):
 
 class StoreError(EffadError):
     """A feature store on disk is missing, incomplete or does not match the config."""
+
+
+class CheckpointError(EffadError):
+    """A checkpoint or trained model is missing, unreadable or belongs to another config."""
+
+
+class TrainingError(EffadError):
+    """Training cannot go on, e.g. a loss became NaN or infinite."""

@@ -28,3 +28,9 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
+    """Loss scaling for float16 autocast (e.g. V100, which has no bfloat16); a no-op otherwise."""
+    float16 = device.type == "cuda" and enabled and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler(device.type, enabled=float16)

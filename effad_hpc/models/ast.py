@@ -1,0 +1,159 @@
+"""AST (Rudolph et al., WACV 2023) and EfficientAD-AST (the thesis model, SPEC section 3).
+
+Both read one feature map (B, C, h, w) of a frozen backbone. The normalizing-flow teacher maps it
+to z; a student sees the features plus the positional encoding and regresses z. EfficientAD-AST
+adds a feature autoencoder and gives the student a second head that regresses the autoencoder's
+output, as EfficientAD does with images.
+
+Every model here offers the same interface to the training and evaluation layers:
+``losses(features, penalty_features=None) -> {"total": ..., <parts>}`` for the trained student
+stage and ``maps(features) -> {"combined": (B, h, w), <parts>}`` for inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from effad_hpc.models.autoencoder import FeatureAutoencoder
+from effad_hpc.models.flow import FlowTeacher, negative_log_likelihood
+from effad_hpc.models.positional import positional_encoding_2d
+from effad_hpc.models.registry import register_model
+from effad_hpc.models.student import ResidualStudent
+
+
+def hard_mse(target: torch.Tensor, prediction: torch.Tensor, percentile: float = 1.0) -> torch.Tensor:
+    """Mean squared error over the elements whose error is at least its ``percentile`` quantile.
+
+    1.0 averages every element (the thesis's choice); 0.999 is EfficientAD's hard feature loss.
+    """
+    squared = (target - prediction).pow(2)
+    if percentile >= 1.0:
+        return squared.mean()
+    flat = squared.flatten()
+    # kthvalue has no size limit (torch.quantile refuses more than 2^24 elements).
+    k = max(1, min(flat.numel(), int(round(percentile * (flat.numel() - 1))) + 1))
+    threshold = flat.detach().kthvalue(k).values
+    return flat[flat >= threshold].mean()
+
+
+def _full_precision(device: torch.device):
+    """Flows are numerically delicate: the teacher always runs in float32, also under autocast."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+class ASTTeacher(nn.Module):
+    """The flow together with its positional-encoding condition; trained alone in the teacher stage."""
+
+    def __init__(self, feature_channels: int, map_size: int, pos_enc_channels: int = 32, coupling_blocks: int = 4,
+                 hidden_channels: int = 1024, kernel_sizes: Sequence[int] = (3, 3, 3, 5), clamp: float = 3.0):
+        super().__init__()
+        self.register_buffer("positions", positional_encoding_2d(pos_enc_channels, map_size, map_size),
+                             persistent=False)
+        self.flow = FlowTeacher(feature_channels, pos_enc_channels, map_size, coupling_blocks, hidden_channels,
+                                kernel_sizes, clamp)
+
+    def condition(self, batch: int) -> torch.Tensor:
+        return self.positions.expand(batch, -1, -1, -1)
+
+    def with_positions(self, features: torch.Tensor) -> torch.Tensor:
+        """Features with the positional encoding appended: the students' input."""
+        return torch.cat([features, self.condition(len(features)).to(features.dtype)], dim=1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with _full_precision(features.device):
+            return self.flow(features.float(), self.condition(len(features)))
+
+    def nll(self, features: torch.Tensor) -> torch.Tensor:
+        return negative_log_likelihood(*self(features))
+
+    def nll_map(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-position anomaly score of the teacher alone: 0.5 * mean over channels of z^2."""
+        return 0.5 * z.pow(2).mean(dim=1)
+
+
+class _StudentTeacher(nn.Module):
+    """Common part: a frozen, trained teacher whose z the students regress."""
+
+    def __init__(self, feature_channels: int, map_size: int, teacher: dict, loss_percentile: float):
+        super().__init__()
+        self.feature_channels = feature_channels
+        self.teacher = ASTTeacher(feature_channels, map_size, **teacher)
+        self.teacher.requires_grad_(False)
+        self.loss_percentile = loss_percentile
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # trained in its own stage; frozen here
+        return self
+
+    def teacher_z(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z, _ = self.teacher(features)
+        return z
+
+
+@register_model("ast")
+class AST(_StudentTeacher):
+    def __init__(self, feature_channels: int, map_size: int, teacher: dict, hidden_channels: int = 1024,
+                 residual_blocks: int = 4, loss_percentile: float = 1.0):
+        super().__init__(feature_channels, map_size, teacher, loss_percentile)
+        in_channels = feature_channels + self.teacher.positions.shape[0]
+        self.student = ResidualStudent(in_channels, feature_channels, hidden_channels, residual_blocks)
+
+    def losses(self, features: torch.Tensor, penalty_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        z = self.teacher_z(features)
+        student = self.student(self.teacher.with_positions(features)).float()
+        parts = {"st": hard_mse(z, student, self.loss_percentile)}
+        if penalty_features is not None:
+            parts["penalty"] = self.student(self.teacher.with_positions(penalty_features)).float().pow(2).mean()
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.teacher_z(features)
+        student = self.student(self.teacher.with_positions(features)).float()
+        st = (z - student).pow(2).mean(dim=1)
+        return {"combined": st, "st": st, "teacher": self.teacher.nll_map(z)}
+
+
+@register_model("efficientad_ast")
+class EfficientADAST(_StudentTeacher):
+    def __init__(self, feature_channels: int, map_size: int, teacher: dict, hidden_channels: int = 1024,
+                 residual_blocks: int = 4, loss_percentile: float = 1.0, ae_channels: int = 64,
+                 ae_upsampling_stages: int = 2, ae_dropout: float = 0.2):
+        super().__init__(feature_channels, map_size, teacher, loss_percentile)
+        in_channels = feature_channels + self.teacher.positions.shape[0]
+        # Two heads in one network: [:C] regresses the teacher, [C:] the autoencoder.
+        self.student = ResidualStudent(in_channels, 2 * feature_channels, hidden_channels, residual_blocks)
+        self.autoencoder = FeatureAutoencoder(in_channels, feature_channels, map_size, ae_channels,
+                                              ae_upsampling_stages, ae_dropout)
+
+    def _outputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.teacher_z(features)
+        inputs = self.teacher.with_positions(features)
+        student = self.student(inputs).float()
+        reconstruction = self.autoencoder(inputs).float()
+        channels = self.feature_channels
+        return z, student[:, :channels], student[:, channels:], reconstruction
+
+    def losses(self, features: torch.Tensor, penalty_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        z, student_st, student_ae, reconstruction = self._outputs(features)
+        parts = {
+            "st": hard_mse(z, student_st, self.loss_percentile),
+            "ae": (z - reconstruction).pow(2).mean(),
+            "stae": (reconstruction - student_ae).pow(2).mean(),
+        }
+        if penalty_features is not None:
+            penalty = self.student(self.teacher.with_positions(penalty_features))[:, :self.feature_channels]
+            parts["penalty"] = penalty.float().pow(2).mean()
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        z, student_st, student_ae, reconstruction = self._outputs(features)
+        st = (z - student_st).pow(2).mean(dim=1)
+        ae = (reconstruction - student_ae).pow(2).mean(dim=1)
+        return {"combined": 0.5 * st + 0.5 * ae, "st": st, "ae": ae, "teacher": self.teacher.nll_map(z)}

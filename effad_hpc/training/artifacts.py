@@ -1,0 +1,109 @@
+"""Where a training stage keeps its files, and how they are written and read back.
+
+``<run.out_dir>/train/<category>/<stage>/`` holds
+
+- ``last.pt``: the full training state after the last finished epoch (model, optimizer,
+  scheduler, loss scaler, RNG, early-stopping state, log history), for resuming; removed when
+  the stage completes;
+- ``model.pt``: the state dict of the best model on the validation split;
+- ``log.csv``: one row per epoch (training losses, validation value, learning rate, time);
+- ``stage.json``: the completion record, written last, with the stage key (a hash of every
+  input that changes the result), best/final epoch and training time.
+
+Everything is written atomically, and checkpoints hold only tensors and plain values so that
+they load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from effad_hpc.config import ExperimentConfig
+from effad_hpc.errors import CheckpointError
+from effad_hpc.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+
+LAST_CHECKPOINT = "last.pt"
+BEST_MODEL = "model.pt"
+LOG = "log.csv"
+RECORD = "stage.json"
+
+
+def stage_dir(config: ExperimentConfig, category: str, stage: str) -> Path:
+    return config.run.out_dir / "train" / category / stage
+
+
+def save_state(state: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint as plain tensors and values (``weights_only=True``: no code is unpickled)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc}); delete it to train this stage again") from None
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a completed stage reports; ``stage.json`` on disk."""
+
+    stage: str
+    category: str
+    key: str
+    best_epoch: int
+    final_epoch: int
+    best_validation: float
+    stopped_early: bool
+    train_seconds: float
+    finished_at: str
+
+
+def read_record(folder: Path) -> StageRecord | None:
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        return StageRecord(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: malformed stage record ({exc}); delete it to train this stage again") from None
+
+
+def completed_record(folder: Path, key: str) -> StageRecord | None:
+    """The record of a stage that finished with these inputs (and still has its model), else None."""
+    record = read_record(folder)
+    if record is None or record.key != key or not (Path(folder) / BEST_MODEL).is_file():
+        return None
+    return record
+
+
+def write_record(folder: Path, record: StageRecord) -> None:
+    atomic_write_json(Path(folder) / RECORD, asdict(record))
+
+
+def write_log(folder: Path, history: list[dict]) -> None:
+    """Rewrite the per-epoch CSV from the history kept in the checkpoint, so a resumed run never
+    repeats or loses a row."""
+    columns: list[str] = []
+    for row in history:
+        columns += [name for name in row if name not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(Path(folder) / LOG, buffer.getvalue())
+
+
+def read_log(folder: Path) -> list[dict]:
+    with open(Path(folder) / LOG, newline="") as fh:
+        return list(csv.DictReader(fh))

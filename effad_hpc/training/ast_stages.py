@@ -1,0 +1,108 @@
+"""Stages of AST and EfficientAD-AST: the flow teacher, then the AST student or the
+EfficientAD-AST student + autoencoder, which read the teacher's best model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from effad_hpc.config import ExperimentConfig
+from effad_hpc.errors import CheckpointError
+from effad_hpc.models import ASTTeacher, build_model
+from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, load_state, stage_dir
+from effad_hpc.training.loop import StageRun, fit
+from effad_hpc.training.registry import ModelRecipe, Stage, recipe, register_recipe, register_stage, stage_key
+from effad_hpc.training.sources import BackboneFeatures, ComputedFeatures, PenaltyImages, open_source
+from effad_hpc.utils.device import resolve_device
+
+
+def teacher_kwargs(config: ExperimentConfig) -> dict:
+    t = config.teacher
+    return {"pos_enc_channels": t.pos_enc_channels, "coupling_blocks": t.coupling_blocks,
+            "hidden_channels": t.hidden_channels, "kernel_sizes": list(t.kernel_sizes), "clamp": t.clamp}
+
+
+def _student_kwargs(config: ExperimentConfig, channels: int, map_size: int) -> dict:
+    s = config.student
+    return {"feature_channels": channels, "map_size": map_size, "teacher": teacher_kwargs(config),
+            "hidden_channels": s.hidden_channels, "residual_blocks": s.residual_blocks,
+            "loss_percentile": s.loss_percentile}
+
+
+def _efficientad_ast_kwargs(config: ExperimentConfig, channels: int, map_size: int) -> dict:
+    s = config.student
+    return _student_kwargs(config, channels, map_size) | {
+        "ae_channels": s.ae_channels, "ae_upsampling_stages": s.ae_upsampling_stages, "ae_dropout": s.ae_dropout}
+
+
+def train_teacher(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
+    folder, key = stage_dir(config, category, "teacher"), stage_key(config, "teacher")
+    if (done := completed_record(folder, key)) is not None:
+        return done
+    device = resolve_device(config.run.device)
+    source = open_source(config, category, config.teacher.feature_source, device)
+    torch.manual_seed(config.seed)
+    teacher = ASTTeacher(source.channels, source.map_size, **teacher_kwargs(config)).to(device)
+
+    def objective(features, _penalty):
+        nll = teacher.nll(features)
+        return {"nll": nll, "total": nll}
+
+    return fit(StageRun("teacher", category, folder, key, config.teacher, teacher, objective, source, config.seed,
+                        config.run.mixed_precision), show_progress)
+
+
+def _train_student(stage: str, model_name: str, config: ExperimentConfig, category: str,
+                   show_progress: bool) -> StageRecord:
+    folder, key = stage_dir(config, category, stage), stage_key(config, stage)
+    if (done := completed_record(folder, key)) is not None:
+        return done
+    teacher_path = stage_dir(config, category, "teacher") / BEST_MODEL
+    if completed_record(teacher_path.parent, stage_key(config, "teacher")) is None:
+        raise CheckpointError(f"{teacher_path.parent}: no trained teacher for this config; "
+                              f"run `effad-hpc train --stage teacher --category {category}` first")
+    device = resolve_device(config.run.device)
+    source = open_source(config, category, config.student.feature_source, device)
+    torch.manual_seed(config.seed)
+    model = build_model(model_name, **recipe(model_name).kwargs(config, source.channels, source.map_size))
+    model.teacher.load_state_dict(load_state(teacher_path))
+    model.to(device)
+    penalty = None
+    if config.student.penalty_images is not None:
+        compute = source.compute if isinstance(source, ComputedFeatures) else BackboneFeatures(config, device)
+        penalty = PenaltyImages(config.student.penalty_images, config, compute)
+    return fit(StageRun(stage, category, folder, key, config.student, model, model.losses, source, config.seed,
+                        config.run.mixed_precision, penalty), show_progress)
+
+
+def train_student(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
+    return _train_student("student", "ast", config, category, show_progress)
+
+
+def train_student_ae(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
+    return _train_student("student_ae", "efficientad_ast", config, category, show_progress)
+
+
+def _teacher_settings(config: ExperimentConfig) -> dict:
+    return config.teacher.model_dump(mode="json")
+
+
+def _student_settings(model_name: str) -> Callable[[ExperimentConfig], dict]:
+    def settings(config: ExperimentConfig) -> dict:
+        values = config.student.model_dump(mode="json")
+        if model_name == "ast":  # the autoencoder does not exist in AST
+            values = {k: v for k, v in values.items() if not k.startswith("ae_")}
+        return {"model": model_name, "student": values}
+
+    return settings
+
+
+register_stage(Stage("teacher", train_teacher, _teacher_settings,
+                     uses_store=lambda config: config.teacher.feature_source == "stored"))
+register_stage(Stage("student", train_student, _student_settings("ast"), needs=("teacher",),
+                     uses_store=lambda config: config.student.feature_source == "stored"))
+register_stage(Stage("student_ae", train_student_ae, _student_settings("efficientad_ast"), needs=("teacher",),
+                     uses_store=lambda config: config.student.feature_source == "stored"))
+register_recipe(ModelRecipe("ast", ("teacher", "student"), _student_kwargs))
+register_recipe(ModelRecipe("efficientad_ast", ("teacher", "student_ae"), _efficientad_ast_kwargs))

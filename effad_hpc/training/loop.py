@@ -1,0 +1,182 @@
+"""The epoch loop every trained stage shares: resumable, seeded, validated on good images only.
+
+A stage hands :func:`fit` a model, an objective (features -> named losses with a ``total``) and a
+feature source. After every epoch the full training state is checkpointed atomically; a rerun,
+or a requeued job, resumes from it and ends exactly as an uninterrupted run would, because the
+sample order of each epoch is drawn from a generator seeded by (seed, stage, epoch) and the
+global RNG (dropout) is restored from the checkpoint.
+
+Model selection looks only at the validation split (good images): the best validation value
+chooses ``model.pt``, and early stopping ends the stage after ``patience_fraction * epochs``
+epochs without improvement. Test labels are never read here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from effad_hpc.config import TrainedStage, stable_hash
+from effad_hpc.errors import DataError, TrainingError
+from effad_hpc.training.artifacts import (
+    BEST_MODEL,
+    LAST_CHECKPOINT,
+    StageRecord,
+    load_state,
+    save_state,
+    write_log,
+    write_record,
+)
+from effad_hpc.training.sources import FeatureSource, PenaltyImages
+from effad_hpc.utils.device import autocast, grad_scaler
+
+Objective = Callable[[torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]]
+
+
+@dataclass
+class StageRun:
+    """One stage of one category, ready to train."""
+
+    stage: str
+    category: str
+    folder: Path
+    key: str
+    settings: TrainedStage
+    model: nn.Module
+    objective: Objective
+    source: FeatureSource
+    seed: int
+    mixed_precision: bool = True
+    penalty: PenaltyImages | None = None
+
+
+def _generator(seed: int, *purpose) -> torch.Generator:
+    return torch.Generator().manual_seed(int(stable_hash([seed, *purpose]), 16) % (2**63))
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def patience_epochs(settings: TrainedStage) -> int | None:
+    if settings.patience_fraction is None:
+        return None
+    return max(1, math.ceil(settings.patience_fraction * settings.epochs))
+
+
+def _validate(run: StageRun) -> float:
+    run.model.eval()
+    total, count = 0.0, 0
+    order = range(run.source.size("validation"))
+    with torch.no_grad():
+        for features in run.source.batches("validation", order, run.settings.batch_size):
+            with autocast(features.device, run.mixed_precision):
+                loss = run.objective(features, None)["total"]
+            total += loss.item() * len(features)
+            count += len(features)
+    return total / count
+
+
+def _train_epoch(run: StageRun, epoch: int, optimizer, scaler, progress: Progress, task) -> dict[str, float]:
+    run.model.train()
+    n = run.source.size("train")
+    order = torch.randperm(n, generator=_generator(run.seed, run.stage, "order", epoch)).tolist()
+    penalty_generator = _generator(run.seed, run.stage, "penalty", epoch)
+    sums: dict[str, float] = {}
+    for features in run.source.batches("train", order, run.settings.batch_size):
+        penalty = run.penalty.batch(penalty_generator, len(features)) if run.penalty else None
+        with autocast(features.device, run.mixed_precision):
+            losses = run.objective(features, penalty)
+        if not torch.isfinite(losses["total"]):
+            raise TrainingError(f"{run.stage} ({run.category}): loss is {float(losses['total'])} in epoch {epoch}; "
+                                f"try a lower {run.stage}.lr")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["total"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.item() * len(features)
+        progress.advance(task, len(features))
+    return {f"train_{name}": value / n for name, value in sums.items()}
+
+
+def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
+    """Train (or resume) the stage to the end and return its completion record."""
+    settings, folder = run.settings, run.folder
+    for split in ("train", "validation"):
+        if run.source.size(split) == 0:
+            raise DataError(f"{run.category}: the {split} split is empty; {run.stage} needs good {split} images")
+    device = run.source.device
+    parameters = [p for p in run.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr, eps=settings.adam_eps, weight_decay=settings.weight_decay)
+    milestones = [] if settings.lr_drop_at is None else [max(1, round(settings.lr_drop_at * settings.epochs))]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    scaler = grad_scaler(device, run.mixed_precision)
+    patience = patience_epochs(settings)
+
+    epoch, best_value, best_epoch, history, elapsed = 0, math.inf, 0, [], 0.0
+    last = folder / LAST_CHECKPOINT
+    if last.is_file():
+        state = load_state(last)
+        if state["key"] == run.key:
+            run.model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            _restore_rng(state["rng"], device)
+            epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+            best_value, best_epoch = state["best_value"], state["best_epoch"]
+    stopped_early = patience is not None and epoch - best_epoch >= patience
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=not show_progress) as progress:
+        epochs_task = progress.add_task(f"{run.category} {run.stage} epochs", total=settings.epochs, completed=epoch)
+        batch_task = progress.add_task("  samples", total=run.source.size("train"))
+        while epoch < settings.epochs and not stopped_early:
+            started = time.monotonic()
+            progress.reset(batch_task)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            row |= _train_epoch(run, epoch + 1, optimizer, scaler, progress, batch_task)
+            scheduler.step()
+            epoch += 1
+            if epoch % settings.validate_every == 0 or epoch == settings.epochs:
+                row["validation"] = _validate(run)
+                if row["validation"] < best_value:
+                    best_value, best_epoch = row["validation"], epoch
+                    save_state(run.model.state_dict(), folder / BEST_MODEL)
+                stopped_early = patience is not None and epoch - best_epoch >= patience
+            row["seconds"] = time.monotonic() - started
+            elapsed += row["seconds"]
+            history.append(row)
+            write_log(folder, history)
+            save_state({"key": run.key, "epoch": epoch, "model": run.model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "rng": _rng_state(device), "history": history,
+                        "elapsed": elapsed, "best_value": best_value, "best_epoch": best_epoch}, last)
+            progress.update(epochs_task, completed=epoch,
+                            description=f"{run.category} {run.stage} epochs (validation {best_value:.4g} @ {best_epoch})")
+
+    record = StageRecord(stage=run.stage, category=run.category, key=run.key, best_epoch=best_epoch,
+                         final_epoch=epoch, best_validation=best_value, stopped_early=stopped_early,
+                         train_seconds=round(elapsed, 3),
+                         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    write_record(folder, record)
+    last.unlink(missing_ok=True)  # the full training state is large and no longer needed
+    return record

@@ -1,0 +1,24 @@
+"""``train(config, model, category)``: extraction when a stage reads the store, then the model's stages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from effad_hpc.config import ExperimentConfig
+from effad_hpc.errors import ConfigError
+from effad_hpc.features.extract import extract_category
+from effad_hpc.training.artifacts import StageRecord
+from effad_hpc.training.registry import STAGES, recipe
+
+
+def train(config: ExperimentConfig, model: str, category: str, stages: Sequence[str] | None = None,
+          show_progress: bool = True) -> list[StageRecord]:
+    """Run (or resume, or skip when complete) the stages of ``model`` for one category."""
+    order = recipe(model).stages
+    for name in stages or ():
+        if name not in order:
+            raise ConfigError(f"--stage {name!r}: {model} has the stages {', '.join(order)}")
+    todo = [name for name in order if not stages or name in stages]
+    if any(STAGES[name].uses_store(config) for name in todo):
+        extract_category(config, category, show_progress=show_progress)
+    return [STAGES[name].run(config, category, show_progress=show_progress) for name in todo]
