@@ -113,3 +113,12 @@ def slurm_cluster(tmp_path_factory):
     finally:
         down()
         signal.signal(signal.SIGTERM, previous_handler)
+
+
+@pytest.fixture(scope="session")
+def synthetic_fabric(tmp_path_factory) -> Path:
+    """One texture category with enough images for a trained model to be judged on."""
+    root = tmp_path_factory.mktemp("data") / "fabric_128"
+    generate("ad", root, ["fabric"], SyntheticConfig(seed=5, size=128, num_train=24, num_validation=3,
+                                                     num_test_good=8, num_test_per_defect=3))
+    return root

@@ -29,6 +29,8 @@ def test_bad_input_exits_2_with_one_named_message(tmp_path):
     assert "data.colour: unknown key" in out.stderr and "Traceback" not in out.stderr
     out = run("-m", "effad_hpc", "synth", "--layout", "ad", "--out", str(tmp_path), "--categories", "carpet")
     assert out.returncode == 2 and "unknown synthetic ad categories ['carpet']" in out.stderr
+    out = run("-m", "effad_hpc", "train", "--config", "configs/demo.yaml", "--model", "patchcorex")
+    assert out.returncode == 2 and "model 'patchcorex' is not known; known models: ast, efficientad_ast" in out.stderr
 
 
 def test_synth_writes_readable_layouts(tmp_path):
@@ -40,11 +42,13 @@ def test_synth_writes_readable_layouts(tmp_path):
         assert len(data.samples("test")) > 0
 
 
-def test_run_all_generates_data_and_extracts_every_category(tmp_path):
+def test_run_all_generates_data_extracts_and_trains_every_category(tmp_path):
     config = {
         "name": "cli", "data": {"layout": "mvtec_loco", "root": str(tmp_path / "data"), "image_size": 64,
                                 "synthetic": {"size": 48, "num_train": 4, "num_validation": 2,
                                               "num_test_good": 2, "num_test_per_defect": 1}},
+        "teacher": {"hidden_channels": 16, "epochs": 1},
+        "student": {"hidden_channels": 16, "residual_blocks": 1, "epochs": 1},
         "run": {"out_dir": str(tmp_path / "run"), "device": "cpu"},
     }
     path = tmp_path / "cli.yaml"
@@ -54,4 +58,6 @@ def test_run_all_generates_data_and_extracts_every_category(tmp_path):
     for category in ("parts_tray", "pin_board"):
         assert f"{category}: wrote 3" in out.stdout
         assert len(FeatureDataset(tmp_path / "run" / "features" / category, "validation")) == 2
+        assert f"{category} efficientad_ast student_ae: best epoch 1 of 1" in out.stdout
+        assert (tmp_path / "run" / "train" / category / "student_ae" / "model.pt").is_file()
     assert (tmp_path / "run" / "config.yaml").read_text().startswith("# config hash: ")

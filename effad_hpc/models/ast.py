@@ -33,9 +33,12 @@ def hard_mse(target: torch.Tensor, prediction: torch.Tensor, percentile: float =
     if percentile >= 1.0:
         return squared.mean()
     flat = squared.flatten()
-    # kthvalue has no size limit (torch.quantile refuses more than 2^24 elements).
-    k = max(1, min(flat.numel(), int(round(percentile * (flat.numel() - 1))) + 1))
-    threshold = flat.detach().kthvalue(k).values
+    # torch.quantile's linear interpolation, through kthvalue, which has no size limit
+    # (torch.quantile refuses more than 2^24 elements).
+    position = percentile * (flat.numel() - 1)
+    below = flat.detach().kthvalue(int(position) + 1).values
+    above = flat.detach().kthvalue(min(int(position) + 2, flat.numel())).values
+    threshold = below + (position - int(position)) * (above - below)
     return flat[flat >= threshold].mean()
 
 
@@ -63,8 +66,8 @@ class ASTTeacher(nn.Module):
         return torch.cat([features, self.condition(len(features)).to(features.dtype)], dim=1)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with _full_precision(features.device):
-            return self.flow(features.float(), self.condition(len(features)))
+        with _full_precision(features.device):  # the module's own dtype: float32 unless made double
+            return self.flow(features.to(self.positions.dtype), self.condition(len(features)))
 
     def nll(self, features: torch.Tensor) -> torch.Tensor:
         return negative_log_likelihood(*self(features))

@@ -91,7 +91,10 @@ def _validate(run: StageRun) -> float:
                 loss = run.objective(features, None)["total"]
             total += loss.item() * len(features)
             count += len(features)
-    return total / count
+    value = total / count
+    if not math.isfinite(value):
+        raise TrainingError(f"{run.stage} ({run.category}): validation loss is {value}; try a lower {run.stage}.lr")
+    return value
 
 
 def _train_epoch(run: StageRun, epoch: int, optimizer, scaler, progress: Progress, task) -> dict[str, float]:

@@ -1,0 +1,107 @@
+"""The pure torch models: flow invertibility and log-determinant, shapes, losses, registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effad_hpc.config import BackboneConfig
+from effad_hpc.errors import ConfigError
+from effad_hpc.features.backbones import build_backbone
+from effad_hpc.models import AnomalyDetector, ASTTeacher, build_model, hard_mse, list_models
+from effad_hpc.models.positional import positional_encoding_2d
+
+TEACHER = {"pos_enc_channels": 8, "coupling_blocks": 2, "hidden_channels": 16, "kernel_sizes": [3, 5], "clamp": 3.0}
+
+
+def _randomize(module: torch.nn.Module, scale: float = 0.2) -> None:
+    """The flow starts as the identity (zero-initialised subnets); move it away from that."""
+    generator = torch.Generator().manual_seed(0)
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            parameter.data = scale * torch.randn(parameter.shape, generator=generator)
+
+
+def test_flow_is_invertible_and_its_log_det_matches_autograd():
+    teacher = ASTTeacher(6, 3, **TEACHER)
+    _randomize(teacher)
+    teacher.double()  # exact enough to compare with autograd's determinant
+    features = torch.randn(1, 6, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    z, log_det = teacher(features)
+    assert not torch.allclose(z, features, atol=1e-3)  # not the identity any more
+    recovered = teacher.flow.inverse(z, teacher.condition(1))
+    torch.testing.assert_close(recovered, features, atol=1e-9, rtol=1e-9)
+
+    jacobian = torch.autograd.functional.jacobian(lambda x: teacher(x.view(1, 6, 3, 3))[0].flatten(),
+                                                  features.flatten())
+    sign, log_abs_det = torch.linalg.slogdet(jacobian)
+    assert sign != 0
+    torch.testing.assert_close(log_det[0], log_abs_det, atol=1e-8, rtol=1e-8)
+
+
+def test_soft_clamp_bounds_the_log_scale():
+    teacher = ASTTeacher(4, 2, **TEACHER | {"clamp": 0.5})
+    _randomize(teacher, scale=20.0)  # huge coupling outputs
+    _, log_det = teacher(torch.randn(1, 4, 2, 2))
+    # per coupling and element |s| <= clamp * 0.636 * pi / 2 ~ clamp; 2 couplings x 2 halves cover
+    # every element twice: |log det| <= 2 * 16 * clamp
+    assert log_det.abs().item() <= 2 * 16 * 0.5 * 0.636 * torch.pi / 2 + 1e-4
+
+
+def test_positional_encoding_distinguishes_every_position():
+    encoding = positional_encoding_2d(32, 5, 7)
+    assert encoding.shape == (32, 5, 7)
+    vectors = encoding.flatten(1).T
+    assert torch.cdist(vectors, vectors).add(torch.eye(35) * 10).min() > 1e-3
+    with pytest.raises(ValueError, match="multiple of 4"):
+        positional_encoding_2d(30, 4, 4)
+
+
+def test_hard_mse_keeps_the_hardest_elements():
+    target = torch.zeros(1000)
+    prediction = torch.arange(1000, dtype=torch.float32)
+    assert hard_mse(target, prediction, 1.0) == pytest.approx(prediction.pow(2).mean().item())
+    top = prediction[900:].pow(2).mean().item()
+    assert hard_mse(target, prediction, 0.9) == pytest.approx(top, rel=1e-3)
+
+
+@pytest.mark.parametrize(("backbone", "layers", "image_size", "channels", "grid"), [
+    ("tf_efficientnet_lite0", ["blocks.4"], 256, 112, 16),
+    ("efficientnet_b5", ["blocks.5"], 768, 304, 24),
+])
+def test_shapes_follow_the_backbone(backbone, layers, image_size, channels, grid):
+    extracted = build_backbone(BackboneConfig(name=backbone, layers=layers, pretrained=False))
+    (layer,) = extracted.layers
+    assert (layer.channels, layer.map_size(image_size)) == (channels, grid)
+    features = torch.randn(2, channels, grid, grid)
+    for name in ("ast", "efficientad_ast"):
+        model = build_model(name, feature_channels=channels, map_size=grid, teacher=TEACHER, hidden_channels=16,
+                            residual_blocks=1).eval()
+        heads = 2 if name == "efficientad_ast" else 1
+        student = model.student(model.teacher.with_positions(features))
+        assert student.shape == (2, heads * channels, grid, grid)
+        maps = model.maps(features)
+        assert all(m.shape == (2, grid, grid) for m in maps.values())
+        if name == "efficientad_ast":
+            assert model.autoencoder(model.teacher.with_positions(features)).shape == (2, channels, grid, grid)
+            torch.testing.assert_close(maps["combined"], 0.5 * maps["st"] + 0.5 * maps["ae"])
+
+
+def test_detector_maps_come_at_image_size_with_max_or_mean_scores():
+    backbone = build_backbone(BackboneConfig(layers=["blocks.2", "blocks.4"]))
+    channels = sum(layer.channels for layer in backbone.layers)
+    model = build_model("efficientad_ast", feature_channels=channels, map_size=4, teacher=TEACHER, hidden_channels=16,
+                        residual_blocks=1)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    out = AnomalyDetector(backbone.extractor, model, ["blocks.2", "blocks.4"], 64, "max")(images)
+    assert set(out["maps"]) == {"combined", "st", "ae", "teacher"}
+    assert all(m.shape == (3, 64, 64) for m in out["maps"].values())
+    torch.testing.assert_close(out["score"], out["maps"]["combined"].flatten(1).amax(1))
+    mean = AnomalyDetector(backbone.extractor, model, ["blocks.2", "blocks.4"], 64, "mean")(images)
+    torch.testing.assert_close(mean["score"], mean["maps"]["combined"].flatten(1).mean(1))
+
+
+def test_registry_builds_by_name_and_names_unknown_models():
+    assert {"ast", "efficientad_ast"} <= set(list_models())
+    with pytest.raises(ConfigError, match="'patchcorex' is not known"):
+        build_model("patchcorex")

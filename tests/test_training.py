@@ -1,0 +1,184 @@
+"""Training stages on tiny synthetic data: losses fall, checkpoints resume exactly, stored and
+on-the-fly features agree, and a trained model separates defective from good images."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from effad_hpc.data import load_category
+from effad_hpc.errors import CheckpointError, ConfigError, DataError
+from effad_hpc.training import load_detector, predict, read_log, read_record, recipe, stage_dir, train
+from effad_hpc.training.artifacts import BEST_MODEL, LAST_CHECKPOINT, load_state
+from effad_hpc.training.loop import _validate
+from effad_hpc.training.sources import StoredFeatures
+from effad_hpc.models import build_model
+
+from tests.conftest import REPO
+
+SMALL_NETS = {
+    "teacher.hidden_channels": 32, "teacher.epochs": 4, "teacher.batch_size": 4,
+    "student.hidden_channels": 32, "student.residual_blocks": 1, "student.epochs": 4, "student.batch_size": 4,
+    "student.patience_fraction": None,
+}
+
+
+def _states_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_teacher_nll_and_student_ae_validation_decrease(make_config):
+    _, config = make_config(SMALL_NETS | {"teacher.epochs": 6, "student.epochs": 6})
+    records = train(config, "efficientad_ast", "fabric", show_progress=False)
+    assert [r.stage for r in records] == ["teacher", "student_ae"]
+    teacher_log = read_log(stage_dir(config, "fabric", "teacher"))
+    assert len(teacher_log) == 6
+    assert float(teacher_log[-1]["train_nll"]) < float(teacher_log[0]["train_nll"])
+    assert float(teacher_log[-1]["validation"]) < float(teacher_log[0]["validation"])
+    student_log = read_log(stage_dir(config, "fabric", "student_ae"))
+    assert {"train_st", "train_ae", "train_stae", "train_total", "validation"} <= set(student_log[0])
+    assert min(float(row["validation"]) for row in student_log[1:]) < float(student_log[0]["validation"])
+    for record in records:
+        folder = stage_dir(config, "fabric", record.stage)
+        assert not (folder / LAST_CHECKPOINT).exists()  # complete: the resume state is gone
+        assert read_record(folder) == record
+        state = torch.load(folder / BEST_MODEL, weights_only=True)
+        assert all(isinstance(value, torch.Tensor) for value in state.values())
+
+
+def test_rerun_skips_complete_stages_and_a_changed_input_retrains_downstream(make_config):
+    _, config = make_config(SMALL_NETS)
+    first = train(config, "efficientad_ast", "fabric", show_progress=False)
+    assert train(config, "efficientad_ast", "fabric", show_progress=False) == first
+    _, changed = make_config(SMALL_NETS | {"student.lr": 1e-3})
+    teacher, student = train(changed, "efficientad_ast", "fabric", show_progress=False)
+    assert teacher == first[0]
+    assert student.key != first[1].key and student.finished_at >= first[1].finished_at
+
+
+def test_early_stopping_keeps_the_best_validation_model(make_config):
+    # A learning rate far too high makes the validation loss rise again: early stopping must end
+    # the stage after the patience and keep the best epoch's weights.
+    _, config = make_config(SMALL_NETS | {"student.epochs": 20, "student.patience_fraction": 0.1,
+                                          "student.lr": 0.05})
+    _, record = train(config, "ast", "fabric", show_progress=False)
+    log = read_log(stage_dir(config, "fabric", "student"))
+    values = [float(row["validation"]) for row in log]
+    assert record.stopped_early and record.final_epoch < 20
+    assert record.final_epoch - record.best_epoch == 2  # ceil(0.1 * 20) epochs without improvement
+    assert min(values) == pytest.approx(record.best_validation) == values[record.best_epoch - 1]
+
+    source = StoredFeatures(config, "fabric", torch.device("cpu"))
+    model = build_model("ast", **recipe("ast").kwargs(config, source.channels, source.map_size))
+    model.load_state_dict(load_state(stage_dir(config, "fabric", "student") / BEST_MODEL))
+    from effad_hpc.training.loop import StageRun
+
+    rerun = StageRun("student", "fabric", stage_dir(config, "fabric", "student"), record.key, config.student, model,
+                     model.losses, source, config.seed)
+    assert _validate(rerun) == pytest.approx(record.best_validation, rel=1e-5)
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(make_config, tmp_path):
+    nets = SMALL_NETS | {"student.epochs": 30, "student.hidden_channels": 64, "student.residual_blocks": 2}
+    path, config = make_config(nets)
+    train(config, "efficientad_ast", "fabric", ["teacher"], show_progress=False)
+    folder = stage_dir(config, "fabric", "student_ae")
+    command = [sys.executable, "-m", "effad_hpc", "train", "--config", str(path), "--model", "efficientad_ast",
+               "--category", "fabric", "--stage", "student_ae", "--quiet"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not ((folder / "log.csv").exists() and len(read_log(folder)) >= 3):
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted_at = load_state(folder / LAST_CHECKPOINT)["epoch"]
+    assert 2 <= interrupted_at < 30 and read_record(folder) is None  # killed mid-stage
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    record = read_record(folder)
+    assert record.final_epoch == 30
+    log = read_log(folder)
+    assert [int(row["epoch"]) for row in log] == list(range(1, 31))  # no repeated or lost rows
+
+    _, uninterrupted = make_config(nets, overrides=(f"run.out_dir={tmp_path / 'uninterrupted'}",))
+    _, reference = train(uninterrupted, "efficientad_ast", "fabric", show_progress=False)
+    assert reference.best_epoch == record.best_epoch
+    assert reference.best_validation == pytest.approx(record.best_validation, rel=1e-5)
+    _states_close(load_state(folder / BEST_MODEL),
+                  load_state(stage_dir(uninterrupted, "fabric", "student_ae") / BEST_MODEL), atol=1e-5)
+    reference_log = read_log(stage_dir(uninterrupted, "fabric", "student_ae"))
+    for ours, theirs in zip(log, reference_log, strict=True):
+        assert float(ours["train_total"]) == pytest.approx(float(theirs["train_total"]), rel=1e-5)
+
+
+def test_stored_and_on_the_fly_features_train_the_same_model(make_config, tmp_path):
+    _, stored = make_config(SMALL_NETS)
+    _, computed = make_config(SMALL_NETS, overrides=(
+        "teacher.feature_source=on_the_fly", "student.feature_source=on_the_fly",
+        f"run.out_dir={tmp_path / 'on_the_fly'}"))
+    for config in (stored, computed):
+        train(config, "efficientad_ast", "fabric", show_progress=False)
+    assert not (computed.run.out_dir / "features").exists()  # nothing was read from a store
+    for stage in ("teacher", "student_ae"):
+        ours, theirs = (read_log(stage_dir(c, "fabric", stage)) for c in (stored, computed))
+        for a, b in zip(ours, theirs, strict=True):
+            assert float(a["validation"]) == pytest.approx(float(b["validation"]), rel=1e-4)
+        _states_close(load_state(stage_dir(stored, "fabric", stage) / BEST_MODEL),
+                      load_state(stage_dir(computed, "fabric", stage) / BEST_MODEL), atol=1e-4)
+
+
+def test_penalty_images_add_a_penalty_loss(make_config, synthetic_ad, tmp_path):
+    _, config = make_config(SMALL_NETS | {"student.epochs": 2,
+                                          "student.penalty_images": str(synthetic_ad / "grid" / "train")})
+    train(config, "efficientad_ast", "fabric", show_progress=False)
+    log = read_log(stage_dir(config, "fabric", "student_ae"))
+    assert all(float(row["train_penalty"]) > 0 for row in log)
+    (tmp_path / "empty").mkdir()
+    _, empty = make_config(SMALL_NETS | {"student.penalty_images": str(tmp_path / "empty")})
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: no images"):
+        train(empty, "efficientad_ast", "fabric", show_progress=False)
+
+
+def test_bad_checkpoints_and_missing_teachers_are_named(make_config):
+    _, config = make_config(SMALL_NETS)
+    with pytest.raises(CheckpointError, match="no trained teacher"):
+        train(config, "ast", "fabric", ["student"], show_progress=False)
+    folder = stage_dir(config, "fabric", "teacher")
+    folder.mkdir(parents=True)
+    (folder / LAST_CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=f"{folder / LAST_CHECKPOINT}: not a readable checkpoint"):
+        train(config, "ast", "fabric", show_progress=False)
+    with pytest.raises(ConfigError, match="'nope' is not known"):
+        train(config, "nope", "fabric")
+    with pytest.raises(ConfigError, match="--stage 'student_ae': ast has the stages teacher, student"):
+        train(config, "ast", "fabric", ["student_ae"])
+
+
+def test_trained_model_separates_defective_from_good_images(make_config, synthetic_fabric):
+    _, config = make_config({
+        "data.image_size": 128, "backbone.layers": ["blocks.4"],
+        "teacher.hidden_channels": 32, "teacher.epochs": 15, "teacher.batch_size": 4,
+        "student.hidden_channels": 32, "student.epochs": 15, "student.batch_size": 4,
+    }, data_root=synthetic_fabric)
+    train(config, "efficientad_ast", "fabric", show_progress=False)
+    samples = load_category(config, "fabric").samples("test")
+    detector = load_detector(config, "efficientad_ast", "fabric", torch.device("cpu"))
+    scores = {}
+    for indices, output in predict(detector, samples, config, torch.device("cpu")):
+        assert output["maps"]["combined"].shape[1:] == (128, 128)
+        scores.update(zip(indices, output["score"].tolist()))
+    labels = [sample.label for sample in samples]
+    assert 0 < sum(labels) < len(labels)
+    assert roc_auc_score(labels, [scores[i] for i in range(len(samples))]) >= 0.9
