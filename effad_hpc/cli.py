@@ -79,6 +79,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from effad_hpc.data import categories_of
+    from effad_hpc.evaluation import evaluate_category, results_dir
+    from effad_hpc.training import recipe
+
+    config = _load(args)
+    models = args.model or list(config.models)
+    for model in models:
+        recipe(model)
+    for category in [args.category] if args.category else categories_of(config):
+        for model in models:
+            metrics = evaluate_category(config, model, category, show_progress=not args.quiet)["metrics"]
+            shown = ", ".join(f"{name} {metrics[name]:.4f}" for name in ("image_auroc", "pixel_auroc", "au_pro",
+                                                                         "auroc_loco_mean", "au_spro_0.05_mean")
+                              if metrics.get(name) is not None)
+            print(f"{category} {model}: {shown}: {results_dir(config, model, category)}")
+    return 0
+
+
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from effad_hpc.features.backbones import create_model
     from effad_hpc.features.weights import prefetch
@@ -122,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", help="run only this stage of the model, repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate trained models on the test split: metrics.json, maps, plots")
+    _add_config(p)
+    p.add_argument("--model", action="append", help="registered model name, repeatable (default: the config's models)")
+    p.add_argument("--category", help="default: every category of the config")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("prefetch", help="download the weights a config needs (on a login node with internet)")
     _add_config(p)

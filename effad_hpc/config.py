@@ -156,6 +156,24 @@ class InferenceConfig(Section):
     batch_size: PositiveInt = 8
 
 
+class EvaluationConfig(Section):
+    """The evaluation stage: thresholds from the validation split, metric resolution, outputs."""
+
+    image_threshold_quantile: Annotated[float, Field(gt=0, le=1)] = 0.99
+    """Image threshold = this quantile of the validation images' scores (good images only)."""
+    pixel_threshold_quantile: Annotated[float, Field(gt=0, le=1)] = 0.999
+    """Pixel threshold = this quantile of the validation maps' pixel scores."""
+    bins: Annotated[int, Field(ge=100)] = 10_000
+    """Score thresholds of the streaming pixel metrics (memory O(bins), not O(pixels))."""
+    pro_fpr_limit: Annotated[float, Field(gt=0, le=1)] = 0.3
+    spro_fpr_limits: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [
+        0.01, 0.05, 0.1, 0.3, 1.0]
+    latency_repeats: PositiveInt = 20
+    """Timed batch-1 forwards (after 3 warm-up ones) for ms/image, and timed batches for images/s."""
+    write_overlays: bool = True
+    write_masks: bool = True
+
+
 class RunConfig(Section):
     out_dir: ConfigPath = Path("runs/default")
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
@@ -174,6 +192,7 @@ class ExperimentConfig(Section):
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     inference: InferenceConfig = InferenceConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
 
 

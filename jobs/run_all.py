@@ -5,7 +5,7 @@
 
 Stages so far: the data set (generated first when the config names a synthetic one) -> backbone
 features in the sharded HDF5 store -> the training stages of every model in the config's
-``models``. Complete stages are skipped, interrupted ones resume. Outputs land under the
+``models`` -> evaluation on the test split. Complete stages are skipped, interrupted ones resume. Outputs land under the
 config's ``run.out_dir``.
 """
 
@@ -16,5 +16,7 @@ import sys
 from effad_hpc.cli import main
 
 if __name__ == "__main__":
-    code = main(["extract", *sys.argv[1:]])
-    sys.exit(code or main(["train", *sys.argv[1:]]))
+    code = 0
+    for command in ("extract", "train", "evaluate"):
+        code = code or main([command, *sys.argv[1:]])
+    sys.exit(code)

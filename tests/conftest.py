@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from effad_hpc.config import ExperimentConfig, SyntheticConfig, load_config
+from effad_hpc.config import ExperimentConfig, SyntheticConfig, load_config, parse_config
 from effad_hpc.data.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,19 +43,28 @@ def tiny_config_dict(data_root: Path, out_dir: Path, layout: str = "mvtec_ad") -
     }
 
 
+def apply_changes(raw: dict, changes: dict | None) -> dict:
+    """Set dotted keys (``"student.epochs": 2``) in a raw config mapping."""
+    for dotted, value in (changes or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return raw
+
+
+def tiny_config(data_root: Path, out_dir: Path, changes: dict | None = None) -> ExperimentConfig:
+    return parse_config(apply_changes(tiny_config_dict(data_root, out_dir), changes), "tiny config")
+
+
 @pytest.fixture
 def make_config(tmp_path, synthetic_ad):
     """Write a tiny config YAML (with optional changes) and return (path, loaded config)."""
 
     def make(changes: dict | None = None, data_root: Path | None = None, layout: str = "mvtec_ad",
              overrides: tuple[str, ...] = ()) -> tuple[Path, ExperimentConfig]:
-        raw = tiny_config_dict(data_root or synthetic_ad, tmp_path / "run", layout)
-        for dotted, value in (changes or {}).items():
-            *parents, leaf = dotted.split(".")
-            node = raw
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+        raw = apply_changes(tiny_config_dict(data_root or synthetic_ad, tmp_path / "run", layout), changes)
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(raw))
         return path, load_config(path, overrides)

@@ -1,5 +1,6 @@
 """The command line as a user runs it: real subprocesses."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def test_run_all_generates_data_extracts_and_trains_every_category(tmp_path):
                                               "num_test_good": 2, "num_test_per_defect": 1}},
         "teacher": {"hidden_channels": 16, "epochs": 1},
         "student": {"hidden_channels": 16, "residual_blocks": 1, "epochs": 1},
+        "evaluation": {"latency_repeats": 2},
         "run": {"out_dir": str(tmp_path / "run"), "device": "cpu"},
     }
     path = tmp_path / "cli.yaml"
@@ -60,4 +62,7 @@ def test_run_all_generates_data_extracts_and_trains_every_category(tmp_path):
         assert len(FeatureDataset(tmp_path / "run" / "features" / category, "validation")) == 2
         assert f"{category} efficientad_ast student_ae: best epoch 1 of 1" in out.stdout
         assert (tmp_path / "run" / "train" / category / "student_ae" / "model.pt").is_file()
+        assert f"{category} efficientad_ast: image_auroc " in out.stdout
+        metrics = json.loads((tmp_path / "run" / "efficientad_ast" / "results" / category / "metrics.json").read_text())
+        assert metrics["dataset"] == "mvtec_loco" and "au_spro_0.05_mean" in metrics["metrics"]
     assert (tmp_path / "run" / "config.yaml").read_text().startswith("# config hash: ")

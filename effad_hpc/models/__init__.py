@@ -2,11 +2,11 @@
 
 from effad_hpc.models import ast  # noqa: F401  (registers "ast" and "efficientad_ast")
 from effad_hpc.models.ast import AST, ASTTeacher, EfficientADAST, hard_mse
-from effad_hpc.models.detector import AnomalyDetector
+from effad_hpc.models.detector import AnomalyDetector, image_scores, resize_maps
 from effad_hpc.models.feature_maps import concat_layers
 from effad_hpc.models.registry import build_model, list_models, register_model
 
 __all__ = [
-    "AST", "ASTTeacher", "AnomalyDetector", "EfficientADAST", "build_model", "concat_layers", "hard_mse",
-    "list_models", "register_model",
+    "AST", "ASTTeacher", "AnomalyDetector", "EfficientADAST", "build_model", "concat_layers", "hard_mse", "image_scores",
+    "list_models", "register_model", "resize_maps",
 ]

@@ -1,0 +1,349 @@
+"""Evaluation stage: a trained model on a category's test split -> metrics.json, maps, masks, plots.
+
+The order of the work is the protocol. (1) Thresholds come from the validation split (good
+images) alone. (2) Inference on the test images writes every anomaly map, without reading a test
+label. (3) Only then are the maps scored against the ground truth, one image at a time
+(streaming: memory does not grow with images x resolution). Test-selected thresholds appear only
+in the ``oracle_*`` metrics.
+
+Outputs under ``<run.out_dir>/<model>/``:
+
+- ``maps/<category>/test/<defect>/<id>.tiff``: float32 anomaly map at the original image size
+  (the layout the official MVTec AD / LOCO evaluators read);
+- ``masks/...png`` (binary, at the validation pixel threshold) and ``overlays/...png`` (heat map
+  on the image, one colour scale per category);
+- ``results/<category>/``: ``metrics.json`` (written last; see :data:`SCHEMA_VERSION`),
+  ``roc_image.png``, ``pr_image.png``, ``roc_pixel.png``, ``pr_pixel.png``, ``losses.png``.
+
+``metrics.json`` (schema version 1): ``schema_version``, ``key`` (hash of the trained model and the
+evaluation settings), ``model``, ``category``, ``dataset`` (layout), ``data_root``,
+``config_hash``, ``code_version``, ``created_at``, ``device``; ``counts`` (test, good, defective,
+per defect type, validation); ``thresholds`` (``image``, ``pixel`` and how they were chosen);
+``metrics``: a flat mapping name -> number or null (null: not defined for this data), with
+``image_auroc``, ``pixel_auroc``, ``au_pro`` (MVTec AD), ``image_{f1,precision,recall}``,
+``pixel_{f1,precision,recall}`` at the validation thresholds, ``oracle_image_*`` /
+``oracle_pixel_*`` (best F1 on the test set, with its threshold), ``auroc_<defect>`` (each defect
+type against the good test images; for LOCO ``auroc_logical_anomalies``,
+``auroc_structural_anomalies`` and ``auroc_loco_mean``), ``au_spro_<limit>_{logical,structural,mean}``
+(LOCO), ``teacher_auc_mean`` / ``teacher_auc_max`` (AST teachers), ``latency_ms``,
+``throughput_ips``, ``train_seconds_<stage>``, ``best_epoch_<stage>``, ``final_epoch_<stage>``,
+``train_seconds_total``; ``training``: the stage records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader
+
+from effad_hpc.config import ExperimentConfig, config_hash, stable_hash
+from effad_hpc.data import GOOD, ImageDataset, load_category
+from effad_hpc.data.images import image_size, read_rgb
+from effad_hpc.data.mvtec import CategoryData, Sample
+from effad_hpc.evaluation import outputs
+from effad_hpc.evaluation.metrics import (
+    PixelCurves,
+    ThresholdScores,
+    auroc,
+    best_f1,
+    image_oracle,
+    image_threshold_scores,
+    pro_regions,
+    spro_regions,
+)
+from effad_hpc.models import AnomalyDetector, image_scores, resize_maps
+from effad_hpc.training import load_detector, read_log, read_record, recipe, stage_dir, stage_key
+from effad_hpc.utils.atomic import atomic_write_json
+from effad_hpc.utils.device import autocast, resolve_device
+from effad_hpc.utils.provenance import code_version
+
+SCHEMA_VERSION = 1
+METRICS = "metrics.json"
+VALIDATION_PIXELS_PER_IMAGE = 65_536
+"""Validation pixels kept per image (a seeded random subset) for the pixel threshold quantile."""
+LOCO_TYPES = ("logical_anomalies", "structural_anomalies")
+
+
+def model_dir(config: ExperimentConfig, model: str) -> Path:
+    return config.run.out_dir / model
+
+
+def results_dir(config: ExperimentConfig, model: str, category: str) -> Path:
+    return model_dir(config, model) / "results" / category
+
+
+def sample_output(config: ExperimentConfig, model: str, kind: str, category: str, sample: Sample, suffix: str) -> Path:
+    """``<run>/<model>/<kind>/<category>/<split>/<defect>/<id><suffix>``."""
+    return model_dir(config, model) / kind / category / f"{sample.sample_id}{suffix}"
+
+
+def evaluation_key(config: ExperimentConfig, model: str) -> str:
+    final = recipe(model).stages[-1]
+    return stable_hash({"model": model, "trained": stage_key(config, final),
+                        "inference": config.inference.model_dump(mode="json"),
+                        "evaluation": config.evaluation.model_dump(mode="json")})
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    image: float
+    pixel: float
+    validation_images: int
+
+
+@dataclass
+class TestPredictions:
+    """What inference produced for the test split, before any label was read."""
+
+    scores: np.ndarray
+    teacher_mean: np.ndarray | None
+    teacher_max: np.ndarray | None
+    low: float
+    high: float
+
+
+def _full_size_maps(detector: AnomalyDetector, samples: Sequence[Sample], config: ExperimentConfig,
+                    device: torch.device, progress: Progress, description: str
+                    ) -> Iterator[tuple[int, np.ndarray, float, np.ndarray | None]]:
+    """Per sample: (index, combined map at the original image size, image score, teacher grid map)."""
+    loader = DataLoader(ImageDataset(samples, config.data.image_size), batch_size=config.inference.batch_size,
+                        num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
+    task = progress.add_task(description, total=len(samples))
+    for batch in loader:
+        with autocast(device, config.run.mixed_precision):
+            grid = detector.grid_maps(batch["image"].to(device, non_blocking=True))
+        for row, index in enumerate(batch["index"].tolist()):
+            width, height = image_size(samples[index].path)
+            combined = resize_maps({"combined": grid["combined"][row:row + 1]}, (height, width))["combined"]
+            teacher = grid["teacher"][row].float().cpu().numpy() if "teacher" in grid else None
+            yield index, combined[0].cpu().numpy(), float(image_scores(combined, detector.score)), teacher
+            progress.advance(task)
+
+
+def fit_thresholds(detector: AnomalyDetector, validation: Sequence[Sample], config: ExperimentConfig,
+                   device: torch.device, progress: Progress) -> Thresholds:
+    """Image and pixel thresholds from quantiles of the validation split's scores (good images only)."""
+    rng = np.random.default_rng(config.seed)
+    scores, pixels = [], []
+    for _, anomaly_map, score, _ in _full_size_maps(detector, validation, config, device, progress, "validation"):
+        scores.append(score)
+        values = anomaly_map.ravel()
+        if values.size > VALIDATION_PIXELS_PER_IMAGE:
+            values = rng.choice(values, VALIDATION_PIXELS_PER_IMAGE, replace=False)
+        pixels.append(values)
+    return Thresholds(float(np.quantile(scores, config.evaluation.image_threshold_quantile)),
+                      float(np.quantile(np.concatenate(pixels), config.evaluation.pixel_threshold_quantile)),
+                      len(scores))
+
+
+def predict_test(detector: AnomalyDetector, test: Sequence[Sample], config: ExperimentConfig, model: str,
+                 category: str, device: torch.device, progress: Progress) -> TestPredictions:
+    """Write every test map as TIFF and collect the image scores; reads no label."""
+    scores = np.zeros(len(test))
+    teacher_mean, teacher_max = np.zeros(len(test)), np.zeros(len(test))
+    has_teacher, low, high = False, np.inf, -np.inf
+    for index, anomaly_map, score, teacher in _full_size_maps(detector, test, config, device, progress, "test"):
+        outputs.write_map(sample_output(config, model, "maps", category, test[index], ".tiff"), anomaly_map)
+        scores[index] = score
+        low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
+        if teacher is not None:
+            has_teacher = True
+            teacher_mean[index], teacher_max[index] = teacher.mean(), teacher.max()
+    return TestPredictions(scores, teacher_mean if has_teacher else None, teacher_max if has_teacher else None,
+                           low, high)
+
+
+def _regions(data: CategoryData, sample: Sample):
+    ground_truth = data.ground_truth(sample)
+    if data.layout == "mvtec_loco":
+        return spro_regions(ground_truth, sample.defect_type)
+    return pro_regions(ground_truth, sample.defect_type)
+
+
+def score_pixels(data: CategoryData, test: Sequence[Sample], config: ExperimentConfig, model: str,
+                 predictions: TestPredictions, thresholds: Thresholds, progress: Progress
+                 ) -> tuple[PixelCurves, ThresholdScores]:
+    """Stream the written maps against the ground truth; write masks and overlays on the way."""
+    curves = PixelCurves(predictions.low, predictions.high, config.evaluation.bins)
+    tp = fp = fn = 0
+    task = progress.add_task("pixel metrics", total=len(test))
+    for sample in test:
+        anomaly_map = outputs.read_map(sample_output(config, model, "maps", data.name, sample, ".tiff"))
+        regions = _regions(data, sample)
+        curves.add(anomaly_map, regions, good=sample.defect_type == GOOD)
+        truth = np.zeros(anomaly_map.shape, dtype=bool)
+        for region in regions:
+            truth |= region.mask
+        predicted = anomaly_map >= thresholds.pixel
+        tp += int(np.sum(predicted & truth))
+        fp += int(np.sum(predicted & ~truth))
+        fn += int(np.sum(~predicted & truth))
+        if config.evaluation.write_masks:
+            outputs.write_mask(sample_output(config, model, "masks", data.name, sample, ".png"), anomaly_map,
+                               thresholds.pixel)
+        if config.evaluation.write_overlays:
+            outputs.write_overlay(sample_output(config, model, "overlays", data.name, sample, ".png"),
+                                  read_rgb(sample.path), anomaly_map, predictions.low, predictions.high)
+        progress.advance(task)
+    return curves, ThresholdScores.from_counts(thresholds.pixel, tp, fp, fn)
+
+
+def time_inference(detector: AnomalyDetector, samples: Sequence[Sample], config: ExperimentConfig,
+                   device: torch.device) -> tuple[float, float]:
+    """(ms per image at batch 1, images per second at the inference batch size), after warm-up."""
+    dataset = ImageDataset(samples, config.data.image_size)
+    batch_size = config.inference.batch_size
+    images = torch.stack([dataset[i % len(dataset)]["image"] for i in range(batch_size)]).to(device)
+    repeats = config.evaluation.latency_repeats
+
+    def timed(batch: torch.Tensor) -> float:
+        with autocast(device, config.run.mixed_precision):
+            for _ in range(3):
+                detector(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                detector(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / repeats
+
+    return 1000 * timed(images[:1]), batch_size / timed(images)
+
+
+def _image_metrics(test: Sequence[Sample], predictions: TestPredictions, thresholds: Thresholds,
+                   layout: str) -> dict[str, float | None]:
+    labels = np.array([s.label for s in test])
+    defects = np.array([s.defect_type for s in test])
+    scores = predictions.scores
+    at_threshold = image_threshold_scores(labels, scores, thresholds.image)
+    metrics: dict[str, float | None] = {
+        "image_auroc": auroc(labels, scores),
+        "image_f1": at_threshold.f1, "image_precision": at_threshold.precision, "image_recall": at_threshold.recall,
+    }
+    oracle = image_oracle(labels, scores) if labels.min() != labels.max() else None
+    for name in ("f1", "precision", "recall", "threshold"):
+        metrics[f"oracle_image_{name}"] = getattr(oracle, name) if oracle else None
+    good = defects == GOOD
+    for defect in sorted(set(defects) - {GOOD}):
+        subset = good | (defects == defect)
+        metrics[f"auroc_{defect}"] = auroc(labels[subset], scores[subset])
+    if layout == "mvtec_loco":
+        values = [metrics.get(f"auroc_{kind}") for kind in LOCO_TYPES]
+        metrics["auroc_loco_mean"] = float(np.mean(values)) if None not in values else None
+    for name, teacher in (("mean", predictions.teacher_mean), ("max", predictions.teacher_max)):
+        metrics[f"teacher_auc_{name}"] = auroc(labels, teacher) if teacher is not None else None
+    return metrics
+
+
+def _pixel_metrics(curves: PixelCurves, at_threshold: ThresholdScores, config: ExperimentConfig,
+                   layout: str) -> dict[str, float | None]:
+    metrics: dict[str, float | None] = {
+        "pixel_auroc": curves.auroc(),
+        "au_pro": curves.au_pro(config.evaluation.pro_fpr_limit) if layout == "mvtec_ad" else None,
+        "pixel_f1": at_threshold.f1, "pixel_precision": at_threshold.precision,
+        "pixel_recall": at_threshold.recall,
+    }
+    has_positives = curves.positives.sum() > 0
+    oracle = best_f1(*curves.precision_recall()) if has_positives else None
+    for name in ("f1", "precision", "recall", "threshold"):
+        metrics[f"oracle_pixel_{name}"] = getattr(oracle, name) if oracle else None
+    if layout == "mvtec_loco":
+        for limit in config.evaluation.spro_fpr_limits:
+            logical = curves.au_spro(limit, ["logical_anomalies"])
+            structural = curves.au_spro(limit, ["structural_anomalies"])
+            metrics[f"au_spro_{limit:g}_logical"] = logical
+            metrics[f"au_spro_{limit:g}_structural"] = structural
+            metrics[f"au_spro_{limit:g}_mean"] = (
+                (logical + structural) / 2 if logical is not None and structural is not None else None)
+    return metrics
+
+
+def _plots(folder: Path, test: Sequence[Sample], predictions: TestPredictions, curves: PixelCurves,
+           logs: dict[str, list[dict]], title: str) -> None:
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    labels = np.array([s.label for s in test])
+    if labels.min() != labels.max():
+        fpr, tpr, _ = roc_curve(labels, predictions.scores)
+        outputs.plot_curve(folder / "roc_image.png", fpr, tpr, f"{title}: image ROC", "false positive rate",
+                           "true positive rate", f"AUROC {auroc(labels, predictions.scores):.3f}")
+        precision, recall, _ = precision_recall_curve(labels, predictions.scores)
+        outputs.plot_curve(folder / "pr_image.png", recall, precision, f"{title}: image PR", "recall", "precision",
+                           "test images")
+    if curves.positives.sum():
+        outputs.plot_curve(folder / "roc_pixel.png", *curves.roc(), f"{title}: pixel ROC", "false positive rate",
+                           "true positive rate", f"AUROC {curves.auroc():.3f}")
+        precision, recall, _ = curves.precision_recall()
+        outputs.plot_curve(folder / "pr_pixel.png", recall, precision, f"{title}: pixel PR", "recall", "precision",
+                           "test pixels")
+    outputs.plot_losses(folder / "losses.png", logs, title)
+
+
+def read_metrics(folder: Path) -> dict | None:
+    path = Path(folder) / METRICS
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def evaluate_category(config: ExperimentConfig, model: str, category: str, show_progress: bool = True) -> dict:
+    """Evaluate a trained model on one category (skipped when its metrics.json is current)."""
+    key = evaluation_key(config, model)
+    folder = results_dir(config, model, category)
+    existing = read_metrics(folder)
+    if existing and existing.get("key") == key and existing.get("schema_version") == SCHEMA_VERSION:
+        return existing
+    device = resolve_device(config.run.device)
+    detector = load_detector(config, model, category, device)
+    data = load_category(config, category)
+    validation, test = data.samples("validation"), data.samples("test")
+
+    columns = [TextColumn(f"{category} {model} " + "{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]
+    with Progress(*columns, disable=not show_progress) as progress:
+        thresholds = fit_thresholds(detector, validation, config, device, progress)
+        predictions = predict_test(detector, test, config, model, category, device, progress)
+        # Labels are read from here on, after the thresholds and every map are fixed.
+        curves, pixel_at_threshold = score_pixels(data, test, config, model, predictions, thresholds, progress)
+    latency_ms, throughput = time_inference(detector, test, config, device)
+
+    stages = recipe(model).stages
+    records = {stage: read_record(stage_dir(config, category, stage)) for stage in stages}
+    metrics = _image_metrics(test, predictions, thresholds, data.layout)
+    metrics |= _pixel_metrics(curves, pixel_at_threshold, config, data.layout)
+    metrics |= {"latency_ms": latency_ms, "throughput_ips": throughput}
+    for stage, record in records.items():
+        metrics |= {f"train_seconds_{stage}": record.train_seconds, f"best_epoch_{stage}": record.best_epoch,
+                    f"final_epoch_{stage}": record.final_epoch}
+    metrics["train_seconds_total"] = sum(record.train_seconds for record in records.values())
+
+    logs = {stage: read_log(stage_dir(config, category, stage)) for stage in stages}
+    _plots(folder, test, predictions, curves, logs, f"{category} {model}")
+    evaluation = config.evaluation
+    result = {
+        "schema_version": SCHEMA_VERSION, "key": key, "model": model, "category": category,
+        "dataset": data.layout, "data_root": str(config.data.root), "config_hash": config_hash(config),
+        "code_version": code_version(), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "counts": {"test": len(test), "good": sum(s.label == 0 for s in test), "defective": sum(s.label for s in test),
+                   "by_defect": dict(sorted(Counter(s.defect_type for s in test).items())),
+                   "validation": thresholds.validation_images},
+        "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel,
+                       "source": f"validation split (good images): quantile {evaluation.image_threshold_quantile} "
+                                 f"of image scores, {evaluation.pixel_threshold_quantile} of pixel scores"},
+        "metrics": metrics,
+        "training": {stage: asdict(record) for stage, record in records.items()},
+    }
+    atomic_write_json(folder / METRICS, result)
+    return result
