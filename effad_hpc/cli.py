@@ -98,6 +98,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from effad_hpc.data import categories_of
+    from effad_hpc.hpc.profiles import load_profile
+    from effad_hpc.hpc.status import DONE, make_console, run_states, summary, watch
+    from effad_hpc.hpc.submit import resolve_executor, submit_run
+    from effad_hpc.training import recipe
+
+    config = _load(args)
+    models = args.model or list(config.models)
+    for model in models:
+        recipe(model)
+    executor = resolve_executor(args.executor or config.run.executor)
+    profile = load_profile(args.profile or config.run.profile)
+    categories = [args.category] if args.category else categories_of(config)
+    submission = submit_run(config, categories, models, executor, profile)
+    console = make_console()
+    console.print(f"{config.name}: {len(submission.jobs)} job(s) submitted to {executor}, "
+                  f"{len(submission.complete)} complete node(s) skipped; run folder {config.run.out_dir}")
+    for job in submission.jobs:
+        tasks = f" ({job.tasks} array tasks)" if job.tasks > 1 else ""
+        console.print(f"  {job.job_id}{tasks}: {', '.join(job.nodes)}")
+    if executor == "debug":  # in-process: the jobs run when their results are asked for
+        for handle in submission.handles:
+            try:
+                handle.result()
+            except Exception as exc:  # a failing category must not stop the others
+                console.print(f"[red]job {handle.job_id} failed: {exc}")
+    elif args.no_wait:
+        console.print(f"follow with: effad-hpc status {config.run.out_dir}")
+        return 0
+    states = (run_states(config, models) if executor == "debug"
+              else watch(config, models, args.poll, console))
+    summary(config, states, models, console)
+    return 0 if all(s.state == DONE for s in states) else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from effad_hpc.hpc.status import load_run_config, make_console, run_states, state_table, summary, watch
+
+    config = load_run_config(args.run_dir)
+    models = list(config.models)
+    console = make_console()
+    if args.watch:
+        states = watch(config, models, args.poll, console)
+    else:
+        states = run_states(config, models)
+        console.print(state_table(states, f"{config.name}: {config.run.out_dir}"))
+    summary(config, states, models, console)
+    return 0
+
+
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from effad_hpc.features.backbones import create_model
     from effad_hpc.features.weights import prefetch
@@ -148,6 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="default: every category of the config")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("run", help="submit the whole pipeline (extract, train, evaluate) as jobs and follow it")
+    _add_config(p)
+    p.add_argument("--executor", choices=["auto", "slurm", "local", "debug"],
+                   help="default: run.executor of the config (auto: Slurm when a controller answers)")
+    p.add_argument("--profile", type=Path, help="cluster profile YAML (default: run.profile; see slurm/profiles/)")
+    p.add_argument("--model", action="append", help="registered model name, repeatable (default: the config's models)")
+    p.add_argument("--category", help="default: every category of the config")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting; follow with `effad-hpc status`")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between state updates")
+    p.set_defaults(run=cmd_run)
+
+    p = sub.add_parser("status", help="state of every stage of a run folder, also for jobs submitted elsewhere")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--watch", action="store_true", help="follow until nothing is pending or running")
+    p.add_argument("--poll", type=float, default=5.0)
+    p.set_defaults(run=cmd_status)
 
     p = sub.add_parser("prefetch", help="download the weights a config needs (on a login node with internet)")
     _add_config(p)

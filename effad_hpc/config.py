@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -176,6 +177,11 @@ class EvaluationConfig(Section):
 
 class RunConfig(Section):
     out_dir: ConfigPath = Path("runs/default")
+    executor: Literal["auto", "slurm", "local", "debug"] = "auto"
+    """Where ``effad-hpc run`` puts the jobs: Slurm, local processes, or this process (debug);
+    ``auto`` picks Slurm when a controller answers, else local."""
+    profile: ConfigPath | None = None
+    """Cluster profile YAML with the jobs' resources (see ``slurm/profiles/``); default: local."""
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     mixed_precision: bool = True
     """Autocast on GPU; the CPU always computes in float32."""
@@ -199,6 +205,14 @@ class ExperimentConfig(Section):
 # --- loading -------------------------------------------------------------------------------
 
 
+class YamlLoader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``, users write both)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, value = override.partition("=")
     if not sep or not key:
@@ -212,12 +226,12 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise ConfigError(f"override {override!r}: {where} is a value, not a section")
         node = child
     try:
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml.load(value, Loader=YamlLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
 
 
-def _format_errors(source: str, error: ValidationError) -> str:
+def format_errors(source: str, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -242,7 +256,7 @@ def parse_config(raw: Any, source: str, overrides: list[str] | tuple[str, ...] =
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc)) from None
+        raise ConfigError(format_errors(source, exc)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -252,7 +266,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return parse_config(raw if raw is not None else {}, str(path), overrides)

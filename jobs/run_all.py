@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Run the pipeline for every category of a config, in this process.
+"""Submit the whole pipeline of a config as jobs and follow it (the same as ``effad-hpc run``).
 
-    python jobs/run_all.py --config configs/demo.yaml [--quiet] [KEY.SUB=VALUE ...]
+    python jobs/run_all.py --config configs/demo.yaml [--executor auto|slurm|local|debug]
+        [--profile slurm/profiles/dgx_v100.yaml] [--no-wait] [KEY.SUB=VALUE ...]
 
-Stages so far: the data set (generated first when the config names a synthetic one) -> backbone
-features in the sharded HDF5 store -> the training stages of every model in the config's
-``models`` -> evaluation on the test split. Complete stages are skipped, interrupted ones resume. Outputs land under the
-config's ``run.out_dir``.
+Per category: data (generated first when the config names a synthetic set) -> features (a job
+array over shards on Slurm) -> the training stages of every model in ``models`` -> evaluation,
+chained by Slurm dependencies. Complete stages are skipped, interrupted ones resume; the live
+table follows every stage until the run is done, then the failures (with their logs) and the
+metrics are printed. Outputs land under the config's ``run.out_dir``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,4 @@ import sys
 from effad_hpc.cli import main
 
 if __name__ == "__main__":
-    code = 0
-    for command in ("extract", "train", "evaluate"):
-        code = code or main([command, *sys.argv[1:]])
-    sys.exit(code)
+    sys.exit(main(["run", *sys.argv[1:]]))

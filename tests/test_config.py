@@ -56,8 +56,8 @@ def test_missing_required_key(tmp_path):
 
 def test_overrides_pass_the_same_validation(make_config):
     path, _ = make_config()
-    config = load_config(path, ["features.shards=5", "backbone.layers=[blocks.3]"])
-    assert config.features.shards == 5 and config.backbone.layers == ["blocks.3"]
+    config = load_config(path, ["features.shards=5", "backbone.layers=[blocks.3]", "student.lr=1e-3"])
+    assert config.features.shards == 5 and config.backbone.layers == ["blocks.3"] and config.student.lr == 0.001
     with pytest.raises(ConfigError, match=r"features\.shards"):
         load_config(path, ["features.shards=many"])
     with pytest.raises(ConfigError, match=r"data\.nope: unknown key"):

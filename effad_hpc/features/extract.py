@@ -15,13 +15,14 @@ from torch.utils.data import DataLoader, Subset
 
 from effad_hpc.config import ExperimentConfig, stable_hash, write_resolved_config
 from effad_hpc.data import SPLITS, ImageDataset, load_category
-from effad_hpc.errors import ConfigError
+from effad_hpc.errors import ConfigError, StoreError
 from effad_hpc.features.backbones import Backbone, build_backbone
 from effad_hpc.features.store import (
     STORE_VERSION,
     SampleInfo,
     ShardWriter,
     completed_record,
+    read_manifest,
     shard_bounds,
     write_manifest_if_complete,
 )
@@ -129,3 +130,11 @@ def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, 
                 result.written.append(name)
     result.manifest_written = write_manifest_if_complete(folder, SPLITS, num_shards, key)
     return result
+
+
+def store_is_complete(config: ExperimentConfig, category: str) -> bool:
+    """Whether the category's store has its manifest for this config's features."""
+    try:
+        return read_manifest(store_dir(config, category))["feature_key"] == feature_key(config)
+    except StoreError:
+        return False

@@ -20,7 +20,7 @@ import csv
 import io
 import json
 import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,6 +67,8 @@ class StageRecord:
     stopped_early: bool
     train_seconds: float
     finished_at: str
+    resumed_at_epochs: list[int] = field(default_factory=list)
+    """Epochs from which an interrupted run (killed, preempted, requeued) was resumed."""
 
 
 def read_record(folder: Path) -> StageRecord | None:

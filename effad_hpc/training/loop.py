@@ -134,7 +134,7 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
     scaler = grad_scaler(device, run.mixed_precision)
     patience = patience_epochs(settings)
 
-    epoch, best_value, best_epoch, history, elapsed = 0, math.inf, 0, [], 0.0
+    epoch, best_value, best_epoch, history, elapsed, resumed = 0, math.inf, 0, [], 0.0, []
     last = folder / LAST_CHECKPOINT
     if last.is_file():
         state = load_state(last)
@@ -146,6 +146,7 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
             _restore_rng(state["rng"], device)
             epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
             best_value, best_epoch = state["best_value"], state["best_epoch"]
+            resumed = [*state["resumed_at_epochs"], epoch]
     stopped_early = patience is not None and epoch - best_epoch >= patience
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -172,14 +173,15 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
             save_state({"key": run.key, "epoch": epoch, "model": run.model.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "rng": _rng_state(device), "history": history,
-                        "elapsed": elapsed, "best_value": best_value, "best_epoch": best_epoch}, last)
+                        "elapsed": elapsed, "best_value": best_value, "best_epoch": best_epoch,
+                        "resumed_at_epochs": resumed}, last)
             progress.update(epochs_task, completed=epoch,
                             description=f"{run.category} {run.stage} epochs (validation {best_value:.4g} @ {best_epoch})")
 
     record = StageRecord(stage=run.stage, category=run.category, key=run.key, best_epoch=best_epoch,
                          final_epoch=epoch, best_validation=best_value, stopped_early=stopped_early,
                          train_seconds=round(elapsed, 3),
-                         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumed_at_epochs=resumed)
     write_record(folder, record)
     last.unlink(missing_ok=True)  # the full training state is large and no longer needed
     return record

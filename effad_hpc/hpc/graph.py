@@ -1,0 +1,75 @@
+"""The job graph of a run: per category, extract -> training stages -> evaluate, with completion checks.
+
+A node is complete when its marker on disk carries the key of its current inputs: the store's
+manifest (feature key), a stage's ``stage.json`` (stage key, which chains the keys of the stages it
+reads) or an evaluation's ``metrics.json`` (evaluation key). A changed input therefore makes the
+node and everything downstream incomplete, and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from effad_hpc.config import ExperimentConfig
+from effad_hpc.evaluation import evaluate_category, read_metrics, results_dir
+from effad_hpc.evaluation.evaluate import SCHEMA_VERSION, evaluation_key
+from effad_hpc.features.extract import extract_category, store_is_complete
+from effad_hpc.training import STAGES, recipe, stage_dir, stage_key
+from effad_hpc.training.artifacts import completed_record
+
+EXTRACT, EVALUATE = "extract", "evaluate"
+
+
+@dataclass(frozen=True, order=True)
+class Node:
+    category: str
+    stage: str
+    """``extract``, a training stage (``teacher``, ``student_ae``, ...), or ``evaluate``."""
+    model: str | None = None
+    """The model an ``evaluate`` node scores."""
+
+    @property
+    def name(self) -> str:
+        return self.stage if self.model is None else f"{self.stage}:{self.model}"
+
+
+def category_graph(config: ExperimentConfig, category: str, models: list[str]) -> dict[Node, tuple[Node, ...]]:
+    """Nodes of one category in a valid execution order, each with the nodes it depends on.
+    A stage shared by several models (the AST teacher) appears once."""
+    extract = Node(category, EXTRACT)
+    training: dict[Node, tuple[Node, ...]] = {}
+    evaluations: dict[Node, tuple[Node, ...]] = {}
+    for model in models:
+        stages = recipe(model).stages
+        for name in stages:
+            node = Node(category, name)
+            if node not in training:
+                upstream = [Node(category, need) for need in STAGES[name].needs]
+                if STAGES[name].uses_store(config):
+                    upstream.insert(0, extract)
+                training[node] = tuple(upstream)
+        evaluations[Node(category, EVALUATE, model)] = (Node(category, stages[-1]),)
+    needs_store = any(extract in upstream for upstream in training.values())
+    return ({extract: ()} if needs_store else {}) | training | evaluations
+
+
+def is_complete(config: ExperimentConfig, node: Node) -> bool:
+    if node.stage == EXTRACT:
+        return store_is_complete(config, node.category)
+    if node.stage == EVALUATE:
+        metrics = read_metrics(results_dir(config, node.model, node.category))
+        return bool(metrics) and metrics.get("key") == evaluation_key(config, node.model) \
+            and metrics.get("schema_version") == SCHEMA_VERSION
+    return completed_record(stage_dir(config, node.category, node.stage), stage_key(config, node.stage)) is not None
+
+
+def run_node(config: ExperimentConfig, node: Node, shard: tuple[int, int] | None = None) -> str:
+    """Run one node (or one extraction shard) to completion; a complete node returns at once."""
+    if node.stage == EXTRACT:
+        result = extract_category(config, node.category, shard, show_progress=False)
+        return f"{node.category} extract: wrote {len(result.written)}, skipped {len(result.skipped)} shard(s)"
+    if node.stage == EVALUATE:
+        metrics = evaluate_category(config, node.model, node.category, show_progress=False)["metrics"]
+        return f"{node.category} evaluate {node.model}: image AUROC {metrics['image_auroc']}"
+    record = STAGES[node.stage].run(config, node.category, show_progress=False)
+    return f"{node.category} {node.stage}: best epoch {record.best_epoch} of {record.final_epoch}"

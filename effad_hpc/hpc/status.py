@@ -1,0 +1,198 @@
+"""The state of every node of a run, from the markers on disk and the jobs that were submitted.
+
+Works from any process (``effad-hpc status RUN_DIR``): completion comes from the markers, the
+state of the rest from Slurm's accounting (``sacct``) or, for local jobs, from submitit's result
+files and the job's process.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from submitit.core.utils import JobPaths
+
+from effad_hpc.config import CONFIG_FILENAME, ExperimentConfig, load_config
+from effad_hpc.data import categories_of
+from effad_hpc.errors import ConfigError
+from effad_hpc.evaluation import read_metrics, results_dir
+from effad_hpc.hpc.graph import Node, category_graph, is_complete
+from effad_hpc.hpc.submit import node_id, read_submissions
+
+DONE, RUNNING, PENDING, FAILED, BLOCKED, MISSING = "DONE", "RUNNING", "PENDING", "FAILED", "BLOCKED", "NOT SUBMITTED"
+ACTIVE = {RUNNING, PENDING, "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "PREEMPTED"}
+STYLE = {DONE: "green", RUNNING: "cyan", PENDING: "yellow", "REQUEUED": "cyan"}
+
+
+@dataclass
+class NodeState:
+    node: Node
+    state: str
+    job_id: str | None = None
+    elapsed: str = ""
+    log: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+
+def _sacct(job_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """base job id -> [(state, elapsed)] of its allocation (or of every array task)."""
+    if not job_ids:
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobID,State,Elapsed"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    states: dict[str, list[tuple[str, str]]] = {}
+    for line in out.stdout.splitlines():
+        job, state, elapsed = (line.split("|") + ["", ""])[:3]
+        states.setdefault(job.split("_")[0], []).append((state.split()[0] if state else PENDING, elapsed))
+    return states
+
+
+def _array_state(states: list[tuple[str, str]]) -> tuple[str, str]:
+    names = [state for state, _ in states]
+    elapsed = max((e for _, e in states), default="")
+    for worst in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE"):
+        if worst in names:
+            return worst, elapsed
+    for state in (RUNNING, "REQUEUED", PENDING):
+        if state in names:
+            return state, elapsed
+    return names[0], elapsed
+
+
+def _local_state(log_folder: str, job_id: str) -> str:
+    paths = JobPaths(Path(log_folder) / "%j", job_id)
+    if paths.result_pickle.exists():
+        with open(paths.result_pickle, "rb") as fh:
+            outcome = pickle.load(fh)[0]
+        return "COMPLETED" if outcome == "success" else FAILED
+    try:
+        os.kill(int(job_id), 0)
+    except (ProcessLookupError, ValueError):
+        return FAILED  # gone without a result: killed
+    except PermissionError:
+        pass
+    return RUNNING
+
+
+def _log_path(log_folder: str, job_id: str) -> str:
+    return str(JobPaths(Path(log_folder) / "%j", job_id).stderr)
+
+
+def run_states(config: ExperimentConfig, models: list[str] | None = None) -> list[NodeState]:
+    run_dir = config.run.out_dir
+    latest: dict[str, tuple[dict, dict]] = {}  # node id -> (submission, job) of its last submission
+    for submission in read_submissions(run_dir):
+        for job in submission["jobs"]:
+            for nid in job["nodes"]:
+                latest[nid] = (submission, job)
+    slurm = _sacct(sorted({job["job_id"] for sub, job in latest.values() if sub["executor"] == "slurm"}))
+    nodes = [node for category in categories_of(config)
+             for node in category_graph(config, category, models or list(config.models))]
+    done = {node_id(node) for node in nodes if is_complete(config, node)}
+    local: dict[str, str] = {}  # job id -> state, asked once per job
+    states: list[NodeState] = []
+    for node in nodes:
+        nid = node_id(node)
+        submission, job = latest.get(nid, ({}, {}))
+        if nid in done or not job:
+            states.append(NodeState(node, DONE if nid in done else MISSING, job.get("job_id")))
+            continue
+        job_id, log = job["job_id"], _log_path(job["log_folder"], job["job_id"])
+        if submission["executor"] == "slurm":
+            state, elapsed = _array_state(slurm.get(job_id, [(PENDING, "")]))
+            if state == "COMPLETED":  # the job ended but left no complete marker
+                state = FAILED
+            states.append(NodeState(node, state, job_id, elapsed, log))
+            continue
+        # A chain job runs its nodes in order: the first incomplete one is the one running (or
+        # the one that failed, per category); the others wait (or are blocked).
+        if job_id not in local:
+            local[job_id] = _local_state(job["log_folder"], job_id) if submission["executor"] == "local" else FAILED
+        waiting = [other for other in job["nodes"] if other not in done]
+        if local[job_id] == RUNNING:
+            state = RUNNING if waiting[0] == nid else PENDING
+        else:
+            first_of_category = next(other for other in waiting if other.split("/")[0] == node.category)
+            state = FAILED if first_of_category == nid else BLOCKED
+        states.append(NodeState(node, state, job_id, "", log))
+    return states
+
+
+def state_table(states: list[NodeState], title: str) -> Table:
+    columns = list(dict.fromkeys(s.node.name for s in states))
+    table = Table(title=title)
+    table.add_column("category")
+    for column in columns:
+        table.add_column(column)
+    for category in dict.fromkeys(s.node.category for s in states):
+        cells = {s.node.name: s for s in states if s.node.category == category}
+        row = []
+        for column in columns:
+            s = cells.get(column)
+            if s is None:
+                row.append("")
+                continue
+            text = s.state + (f" {s.elapsed}" if s.elapsed and s.state != DONE else "")
+            style = STYLE.get(s.state, "red" if s.state != MISSING else "dim")
+            row.append(f"[{style}]{text}[/{style}]")
+        table.add_row(category, *row)
+    return table
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    path = Path(run_dir) / CONFIG_FILENAME
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {CONFIG_FILENAME}; is this a run folder (run.out_dir)?")
+    return load_config(path)
+
+
+def make_console() -> Console:
+    """Rich console; wide enough for the state table when the output is a file (job logs, CI)."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def watch(config: ExperimentConfig, models: list[str], poll_s: float, console: Console) -> list[NodeState]:
+    """Redraw the state table until no node is pending or running; return the final states."""
+    started = time.monotonic()
+    title = lambda: f"{config.name}: {config.run.out_dir} ({time.monotonic() - started:.0f} s)"  # noqa: E731
+    states = run_states(config, models)
+    with Live(state_table(states, title()), console=console, refresh_per_second=1, transient=False) as live:
+        while any(s.active for s in states):
+            time.sleep(poll_s)
+            states = run_states(config, models)
+            live.update(state_table(states, title()))
+    console.print()
+    return states
+
+
+def summary(config: ExperimentConfig, states: list[NodeState], models: list[str], console: Console) -> None:
+    failed = [s for s in states if s.state not in (DONE, *ACTIVE)]
+    for s in failed:
+        where = f": log {s.log}" if s.log else ""
+        console.print(f"[red]{s.node.category} {s.node.name}: {s.state}{where}")
+    table = Table(title="metrics (test split)")
+    for column in ("category", "model", "image AUROC", "pixel AUROC", "AU-PRO", "LOCO AUROC", "ms/img"):
+        table.add_column(column)
+    for category in dict.fromkeys(s.node.category for s in states):
+        for model in models:
+            metrics = read_metrics(results_dir(config, model, category))
+            if not metrics:
+                continue
+            values = metrics["metrics"]
+            cells = [values.get(k) for k in ("image_auroc", "pixel_auroc", "au_pro", "auroc_loco_mean", "latency_ms")]
+            table.add_row(category, model, *("-" if v is None else f"{v:.3f}" for v in cells))
+    console.print(table)

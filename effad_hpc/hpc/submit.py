@@ -1,0 +1,166 @@
+"""Submitting a run's job graph with submitit, and the record of what was submitted.
+
+Slurm: one job per incomplete node, extraction as a job array over shards, each job depending
+(``afterok``, with ``kill-on-invalid-dep``) on the jobs of its incomplete upstream nodes, so
+categories run side by side and a failing category cancels only its own downstream jobs.
+Local and debug: categories are dealt round-robin to as many chain jobs as the machine has
+cores for (``cpus // cpus_per_task``), each running its incomplete nodes in order.
+
+Every submission is appended to ``<run.out_dir>/jobs.json`` (job ids, nodes, log folders), which
+``effad-hpc status`` reads, also from another process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import submitit
+
+from effad_hpc.config import ExperimentConfig, config_hash, write_resolved_config
+from effad_hpc.errors import ConfigError
+from effad_hpc.hpc.graph import EXTRACT, Node, category_graph, is_complete
+from effad_hpc.hpc.jobs import ChainJob, StageJob
+from effad_hpc.hpc.profiles import ClusterProfile
+from effad_hpc.utils.atomic import atomic_write_json
+
+JOBS_FILE = "jobs.json"
+Executor = Literal["slurm", "local", "debug"]
+
+
+def slurm_answers() -> bool:
+    """Whether a Slurm controller is reachable from here (``scontrol ping`` says UP)."""
+    if shutil.which("scontrol") is None or shutil.which("sbatch") is None:
+        return False
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return ping.returncode == 0 and "UP" in ping.stdout
+
+
+def resolve_executor(name: str) -> Executor:
+    if name == "auto":
+        return "slurm" if slurm_answers() else "local"
+    if name == "slurm" and not slurm_answers():
+        raise ConfigError("run.executor: slurm was asked for, but no Slurm controller answers `scontrol ping` "
+                          "(set SLURM_CONF, or use --executor local)")
+    return name  # type: ignore[return-value]
+
+
+@dataclass
+class SubmittedJob:
+    job_id: str
+    nodes: list[str]
+    """``<category>/<node name>`` of every node the job runs."""
+    log_folder: str
+    tasks: int = 1
+
+
+@dataclass
+class Submission:
+    executor: Executor
+    submitted_at: str
+    config_hash: str
+    jobs: list[SubmittedJob] = field(default_factory=list)
+    complete: list[str] = field(default_factory=list)
+    """Nodes that were already complete and were not submitted."""
+    handles: list = field(default_factory=list, repr=False)
+    """The submitit job objects (this process only; not saved)."""
+
+
+def node_id(node: Node) -> str:
+    return f"{node.category}/{node.name}"
+
+
+def _executor(kind: Executor, folder: Path, profile: ClusterProfile, stage: str,
+              dependency: list[str]) -> submitit.AutoExecutor:
+    requeues = {f"{kind}_max_num_timeout": profile.max_requeues} if kind != "debug" else {}
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=kind, **requeues)
+    resources = profile.for_stage(stage)
+    executor.update_parameters(name=f"effad-{stage}", timeout_min=resources.timeout_min,
+                               cpus_per_task=resources.cpus_per_task, mem_gb=resources.mem_gb)
+    if kind == "slurm":
+        extra = {"kill_on_invalid_dep": "yes"} if dependency else {}
+        optional = {"slurm_partition": resources.partition, "slurm_account": resources.account,
+                    "slurm_qos": resources.qos, "slurm_constraint": resources.constraint,
+                    "slurm_gres": resources.gres,
+                    "slurm_dependency": "afterok:" + ":".join(dependency) if dependency else None}
+        executor.update_parameters(slurm_array_parallelism=profile.array_parallelism, slurm_setup=list(profile.setup),
+                                   slurm_additional_parameters=extra,
+                                   **{key: value for key, value in optional.items() if value is not None})
+    return executor
+
+
+def _base_id(job) -> str:
+    """An array task id ``123_4`` -> ``123`` (a dependency on the array waits for all its tasks)."""
+    return str(job.job_id).split("_")[0]
+
+
+def submit_run(config: ExperimentConfig, categories: list[str], models: list[str], executor: Executor,
+               profile: ClusterProfile) -> Submission:
+    """Submit every incomplete node of every category; return (and record) what was submitted."""
+    out = config.run.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(config, out)
+    logs = out / "logs"
+    raw = config.model_dump(mode="json")
+    submission = Submission(executor, datetime.now(timezone.utc).isoformat(timespec="seconds"), config_hash(config))
+    pending: list[tuple[dict[Node, tuple[Node, ...]], list[Node]]] = []
+    for category in categories:
+        graph = category_graph(config, category, models)
+        todo = [node for node in graph if not is_complete(config, node)]
+        submission.complete += [node_id(node) for node in graph if node not in todo]
+        if todo:
+            pending.append((graph, todo))
+    if executor == "slurm":
+        for graph, todo in pending:
+            _submit_slurm_category(config, raw, graph, todo, profile, logs, submission)
+    elif pending:
+        cpus = profile.for_stage("chain").cpus_per_task
+        workers = len(pending) if executor == "debug" else max(1, min(len(pending), len(os.sched_getaffinity(0)) // cpus))
+        for worker in range(workers):
+            nodes = [node for _, todo in pending[worker::workers] for node in todo]
+            job = _executor(executor, logs, profile, "chain", []).submit(ChainJob(), raw, nodes, cpus)
+            submission.handles.append(job)
+            submission.jobs.append(SubmittedJob(str(job.job_id), [node_id(n) for n in nodes], str(logs)))
+    record_submission(out, submission)
+    return submission
+
+
+def _submit_slurm_category(config: ExperimentConfig, raw: dict, graph: dict[Node, tuple[Node, ...]],
+                           todo: list[Node], profile: ClusterProfile, logs: Path, submission: Submission) -> None:
+    """One job per node (an array over shards for extraction), depending on its upstream jobs."""
+    job_of: dict[Node, str] = {}
+    for node in todo:
+        dependency = sorted({job_of[up] for up in graph[node] if up in job_of})
+        runner = _executor("slurm", logs, profile, node.stage, dependency)
+        if node.stage == EXTRACT:
+            shards = config.features.shards
+            with runner.batch():
+                jobs = [runner.submit(StageJob(), raw, node, (i, shards)) for i in range(shards)]
+        else:
+            jobs = [runner.submit(StageJob(), raw, node)]
+        job_of[node] = _base_id(jobs[0])
+        submission.handles += jobs
+        submission.jobs.append(SubmittedJob(job_of[node], [node_id(node)], str(logs), len(jobs)))
+
+
+def read_submissions(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / JOBS_FILE
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text())["submissions"]
+
+
+def record_submission(run_dir: Path, submission: Submission) -> None:
+    entry = {"executor": submission.executor, "submitted_at": submission.submitted_at,
+             "config_hash": submission.config_hash, "jobs": [asdict(job) for job in submission.jobs],
+             "complete": submission.complete}
+    atomic_write_json(Path(run_dir) / JOBS_FILE, {"submissions": [*read_submissions(run_dir), entry]})
