@@ -131,7 +131,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     states = (run_states(config, models) if executor == "debug"
               else watch(config, models, args.poll, console))
     summary(config, states, models, console)
+    _write_run_leaderboard(config.run.out_dir, console)
     return 0 if all(s.state == DONE for s in states) else 1
+
+
+def _write_run_leaderboard(run_dir: Path, console) -> None:
+    from effad_hpc.leaderboard import LeaderboardError, build_leaderboard, write_leaderboard
+
+    try:
+        written = write_leaderboard(build_leaderboard([run_dir], compare=True), run_dir / "leaderboard")
+    except LeaderboardError as exc:  # nothing evaluated yet
+        console.print(f"no leaderboard: {exc}")
+        return
+    console.print(f"leaderboard: {written[2]}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -146,6 +158,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         states = run_states(config, models)
         console.print(state_table(states, f"{config.name}: {config.run.out_dir}"))
     summary(config, states, models, console)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    import warnings
+
+    from effad_hpc.leaderboard import MetricsWarning, build_leaderboard, write_leaderboard
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricsWarning)
+        board = build_leaderboard(args.run_dirs, args.merge, args.compare)
+    for warning in caught:
+        print(f"effad-hpc: warning: {warning.message}", file=sys.stderr)
+    for note in board.merged:
+        print(f"merged: {note}")
+    out = args.out or args.run_dirs[0] / "leaderboard"
+    written = write_leaderboard(board, out)
+    print((out / "leaderboard.md").read_text().split("## Per category")[0].rstrip())
+    print(f"{len(board.rows)} rows; wrote {', '.join(p.name for p in written)} to {out}")
     return 0
 
 
@@ -216,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="follow until nothing is pending or running")
     p.add_argument("--poll", type=float, default=5.0)
     p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("leaderboard", help="leaderboard CSV/Markdown/plots from the metrics.json of one or more runs")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="default: RUN_DIR/leaderboard of the first run")
+    p.add_argument("--merge", choices=["latest", "best"], default="latest",
+                   help="which result to keep when a dataset/model/category appears more than once "
+                        "(best: lowest validation loss of the final training stage)")
+    p.add_argument("--compare", action="store_true",
+                   help="add the thesis's published rows and per-category deltas measured - published")
+    p.set_defaults(run=cmd_leaderboard)
 
     p = sub.add_parser("prefetch", help="download the weights a config needs (on a login node with internet)")
     _add_config(p)

@@ -57,6 +57,9 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
+    name: str | None = None
+    """The data set's name in metrics and leaderboards (``mvtec_ad`` matches the published rows);
+    default: the root folder's name, prefixed with ``synthetic_`` for a generated set."""
     layout: Literal["mvtec_ad", "mvtec_loco"]
     """``mvtec_ad`` also reads any folder in the MVTec AD layout."""
     root: ConfigPath

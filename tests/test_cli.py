@@ -62,5 +62,6 @@ def test_run_all_in_process_generates_data_extracts_trains_and_evaluates(tmp_pat
         assert len(FeatureDataset(tmp_path / "run" / "features" / category, "validation")) == 2
         assert (tmp_path / "run" / "train" / category / "student_ae" / "model.pt").is_file()
         metrics = json.loads((tmp_path / "run" / "efficientad_ast" / "results" / category / "metrics.json").read_text())
-        assert metrics["dataset"] == "mvtec_loco" and "au_spro_0.05_mean" in metrics["metrics"]
+        assert metrics["dataset"] == "synthetic_data" and metrics["layout"] == "mvtec_loco"
+        assert "au_spro_0.05_mean" in metrics["metrics"]
     assert (tmp_path / "run" / "config.yaml").read_text().startswith("# config hash: ")

@@ -206,7 +206,8 @@ def evaluated_ad(tmp_path_factory, synthetic_ad):
 def test_evaluate_writes_metrics_maps_masks_overlays_and_plots(evaluated_ad):
     config, result = evaluated_ad
     assert result == read_metrics(results_dir(config, "efficientad_ast", "fabric"))
-    assert result["schema_version"] == 1 and result["model"] == "efficientad_ast" and result["dataset"] == "mvtec_ad"
+    assert result["schema_version"] == 1 and result["model"] == "efficientad_ast" and result["layout"] == "mvtec_ad"
+    assert result["dataset"] == "mvtec_ad"  # the root folder (no synthetic section in this config)
     metrics = result["metrics"]
     for name in ("image_auroc", "pixel_auroc", "au_pro", "image_f1", "pixel_f1", "oracle_image_f1",
                  "oracle_pixel_f1", "teacher_auc_mean", "teacher_auc_max", "latency_ms", "throughput_ips",

@@ -17,7 +17,7 @@ from effad_hpc.data.mvtec import (
 
 __all__ = [
     "GOOD", "SPLITS", "CategoryData", "DefectSpec", "GroundTruthRegion", "ImageDataset", "Sample",
-    "categories_of", "ensure_dataset", "list_categories", "load_category", "read_category",
+    "categories_of", "dataset_name", "ensure_dataset", "list_categories", "load_category", "read_category",
     "resize_image",
 ]
 
@@ -34,6 +34,13 @@ def ensure_dataset(config: ExperimentConfig) -> None:
 
     layout = "ad" if data.layout == "mvtec_ad" else "loco"
     generate(layout, data.root, categories=data.categories, options=data.synthetic)
+
+
+def dataset_name(config: ExperimentConfig) -> str:
+    data = config.data
+    if data.name:
+        return data.name
+    return f"synthetic_{data.root.name}" if data.synthetic is not None else data.root.name
 
 
 def categories_of(config: ExperimentConfig) -> list[str]:

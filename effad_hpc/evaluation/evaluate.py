@@ -16,7 +16,7 @@ Outputs under ``<run.out_dir>/<model>/``:
   ``roc_image.png``, ``pr_image.png``, ``roc_pixel.png``, ``pr_pixel.png``, ``losses.png``.
 
 ``metrics.json`` (schema version 1): ``schema_version``, ``key`` (hash of the trained model and the
-evaluation settings), ``model``, ``category``, ``dataset`` (layout), ``data_root``,
+evaluation settings), ``model``, ``category``, ``dataset`` (``data.name``), ``layout``, ``data_root``,
 ``config_hash``, ``code_version``, ``created_at``, ``device``; ``counts`` (test, good, defective,
 per defect type, validation); ``thresholds`` (``image``, ``pixel`` and how they were chosen);
 ``metrics``: a flat mapping name -> number or null (null: not defined for this data), with
@@ -46,7 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from effad_hpc.config import ExperimentConfig, config_hash, stable_hash
-from effad_hpc.data import GOOD, ImageDataset, load_category
+from effad_hpc.data import GOOD, ImageDataset, dataset_name, load_category
 from effad_hpc.data.images import image_size, read_rgb
 from effad_hpc.data.mvtec import CategoryData, Sample
 from effad_hpc.evaluation import outputs
@@ -333,7 +333,8 @@ def evaluate_category(config: ExperimentConfig, model: str, category: str, show_
     evaluation = config.evaluation
     result = {
         "schema_version": SCHEMA_VERSION, "key": key, "model": model, "category": category,
-        "dataset": data.layout, "data_root": str(config.data.root), "config_hash": config_hash(config),
+        "dataset": dataset_name(config), "layout": data.layout, "data_root": str(config.data.root),
+        "config_hash": config_hash(config), "run_name": config.name,
         "code_version": code_version(), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "counts": {"test": len(test), "good": sum(s.label == 0 for s in test), "defective": sum(s.label for s in test),
