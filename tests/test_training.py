@@ -17,7 +17,7 @@ from effad_hpc.data import load_category
 from effad_hpc.errors import CheckpointError, ConfigError, DataError
 from effad_hpc.training import load_detector, predict, read_log, read_record, recipe, stage_dir, train
 from effad_hpc.training.artifacts import BEST_MODEL, LAST_CHECKPOINT, load_state
-from effad_hpc.training.loop import _validate
+from effad_hpc.training.loop import StageRun, _validate
 from effad_hpc.training.sources import StoredFeatures
 from effad_hpc.models import build_model
 
@@ -80,8 +80,6 @@ def test_early_stopping_keeps_the_best_validation_model(make_config):
     source = StoredFeatures(config, "fabric", torch.device("cpu"))
     model = build_model("ast", **recipe("ast").kwargs(config, source.channels, source.map_size))
     model.load_state_dict(load_state(stage_dir(config, "fabric", "student") / BEST_MODEL))
-    from effad_hpc.training.loop import StageRun
-
     rerun = StageRun("student", "fabric", stage_dir(config, "fabric", "student"), record.key, config.student, model,
                      model.losses, source, config.seed)
     assert _validate(rerun) == pytest.approx(record.best_validation, rel=1e-5)

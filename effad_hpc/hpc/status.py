@@ -8,7 +8,6 @@ files and the job's process.
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -73,19 +72,19 @@ def _array_state(states: list[tuple[str, str]]) -> tuple[str, str]:
     return names[0], elapsed
 
 
-def _local_state(log_folder: str, job_id: str) -> str:
-    paths = JobPaths(Path(log_folder) / "%j", job_id)
-    if paths.result_pickle.exists():
-        with open(paths.result_pickle, "rb") as fh:
-            outcome = pickle.load(fh)[0]
-        return "COMPLETED" if outcome == "success" else FAILED
+def _local_running(log_folder: str, job_id: str) -> bool:
+    """Whether a local job (its id is the process id) still runs: no result file yet and alive.
+
+    Success or failure is not read from the result: the stages' markers say what was done."""
+    if JobPaths(Path(log_folder) / "%j", job_id).result_pickle.exists():
+        return False
     try:
         os.kill(int(job_id), 0)
     except (ProcessLookupError, ValueError):
-        return FAILED  # gone without a result: killed
+        return False  # gone without a result: killed
     except PermissionError:
         pass
-    return RUNNING
+    return True
 
 
 def _log_path(log_folder: str, job_id: str) -> str:
@@ -103,7 +102,7 @@ def run_states(config: ExperimentConfig, models: list[str] | None = None) -> lis
     nodes = [node for category in categories_of(config)
              for node in category_graph(config, category, models or list(config.models))]
     done = {node_id(node) for node in nodes if is_complete(config, node)}
-    local: dict[str, str] = {}  # job id -> state, asked once per job
+    running: dict[str, bool] = {}  # local job id -> still running, asked once per job
     states: list[NodeState] = []
     for node in nodes:
         nid = node_id(node)
@@ -120,10 +119,10 @@ def run_states(config: ExperimentConfig, models: list[str] | None = None) -> lis
             continue
         # A chain job runs its nodes in order: the first incomplete one is the one running (or
         # the one that failed, per category); the others wait (or are blocked).
-        if job_id not in local:
-            local[job_id] = _local_state(job["log_folder"], job_id) if submission["executor"] == "local" else FAILED
+        if job_id not in running:  # debug jobs ran inside the submitting process
+            running[job_id] = submission["executor"] == "local" and _local_running(job["log_folder"], job_id)
         waiting = [other for other in job["nodes"] if other not in done]
-        if local[job_id] == RUNNING:
+        if running[job_id]:
             state = RUNNING if waiting[0] == nid else PENDING
         else:
             first_of_category = next(other for other in waiting if other.split("/")[0] == node.category)
