@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"{config.name}: {len(submission.jobs)} job(s) submitted to {executor}, "
                   f"{len(submission.complete)} complete node(s) skipped; run folder {config.run.out_dir}")
     for job in submission.jobs:
-        tasks = f" ({job.tasks} array tasks)" if job.tasks > 1 else ""
+        tasks = f" (array tasks {', '.join(job.tasks)})" if job.tasks else ""
         console.print(f"  {job.job_id}{tasks}: {', '.join(job.nodes)}")
     if executor == "debug":  # in-process: the jobs run when their results are asked for
         for handle in submission.handles:

@@ -33,7 +33,7 @@ class ClusterProfile(Resources):
     mem_gb: Annotated[float, Field(gt=0)] = 8
     timeout_min: PositiveInt = 240
     array_parallelism: PositiveInt = 16
-    """Tasks of one job array (extraction shards) running at once."""
+    """Tasks of one job array (a stage over the categories, or the extraction shards) running at once."""
     max_requeues: Annotated[int, Field(ge=0)] = 3
     """How often a job that hits its time limit is requeued (it resumes from its checkpoint)."""
     setup: list[str] = []

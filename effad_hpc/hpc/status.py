@@ -44,23 +44,29 @@ class NodeState:
         return self.state in ACTIVE
 
 
-def _sacct(job_ids: list[str]) -> dict[str, list[tuple[str, str]]]:
-    """base job id -> [(state, elapsed)] of its allocation (or of every array task)."""
+def _sacct(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job or array task id -> (state, elapsed); a pending array's tasks appear under its id."""
     if not job_ids:
         return {}
     try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobID,State,Elapsed"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids})),
+                              "-o", "JobID,State,Elapsed"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return {}
-    states: dict[str, list[tuple[str, str]]] = {}
+    states: dict[str, tuple[str, str]] = {}
     for line in out.stdout.splitlines():
         job, state, elapsed = (line.split("|") + ["", ""])[:3]
-        states.setdefault(job.split("_")[0], []).append((state.split()[0] if state else PENDING, elapsed))
+        key = job.split("_[")[0]  # "123_[4-7]": tasks not started yet
+        states[key] = (state.split()[0] if state else PENDING, elapsed)
     return states
 
 
-def _array_state(states: list[tuple[str, str]]) -> tuple[str, str]:
+def _task_state(states: dict[str, tuple[str, str]], task: str) -> tuple[str, str]:
+    return states.get(task) or states.get(task.split("_")[0]) or (PENDING, "")
+
+
+def _combined_state(states: list[tuple[str, str]]) -> tuple[str, str]:
+    """The state of several array tasks that run one node together (extraction shards)."""
     names = [state for state, _ in states]
     elapsed = max((e for _, e in states), default="")
     for worst in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE"):
@@ -98,7 +104,7 @@ def run_states(config: ExperimentConfig, models: list[str] | None = None) -> lis
         for job in submission["jobs"]:
             for nid in job["nodes"]:
                 latest[nid] = (submission, job)
-    slurm = _sacct(sorted({job["job_id"] for sub, job in latest.values() if sub["executor"] == "slurm"}))
+    slurm = _sacct([job["job_id"] for sub, job in latest.values() if sub["executor"] == "slurm"])
     nodes = [node for category in categories_of(config)
              for node in category_graph(config, category, models or list(config.models))]
     done = {node_id(node) for node in nodes if is_complete(config, node)}
@@ -112,7 +118,8 @@ def run_states(config: ExperimentConfig, models: list[str] | None = None) -> lis
             continue
         job_id, log = job["job_id"], _log_path(job["log_folder"], job["job_id"])
         if submission["executor"] == "slurm":
-            state, elapsed = _array_state(slurm.get(job_id, [(PENDING, "")]))
+            tasks = job["tasks"] if isinstance(job.get("tasks"), list) and job["tasks"] else [job_id]
+            state, elapsed = _combined_state([_task_state(slurm, task) for task in tasks])
             if state == "COMPLETED":  # the job ended but left no complete marker
                 state = FAILED
             states.append(NodeState(node, state, job_id, elapsed, log))

@@ -1,8 +1,11 @@
 """Submitting a run's job graph with submitit, and the record of what was submitted.
 
-Slurm: one job per incomplete node, extraction as a job array over shards, each job depending
-(``afterok``, with ``kill-on-invalid-dep``) on the jobs of its incomplete upstream nodes, so
-categories run side by side and a failing category cancels only its own downstream jobs.
+Slurm: one job array per stage, one task per category (the same category order in every array),
+so that a stage's task i depends on task i of the stage it reads (``aftercorr``, with
+``kill-on-invalid-dep``): a failing category cancels only its own downstream tasks. Extraction is
+one array over every (category, shard); the first stages after it wait for all of it to end
+(``afterany``) and a category whose store is incomplete then fails alone. A task whose stage is
+already complete for its category returns at once.
 Local and debug: categories are dealt round-robin to as many chain jobs as the machine has
 cores for (``cpus // cpus_per_task``), each running its incomplete nodes in order.
 
@@ -57,10 +60,12 @@ def resolve_executor(name: str) -> Executor:
 @dataclass
 class SubmittedJob:
     job_id: str
+    """The job, or the array task (``123_4``) that runs these nodes."""
     nodes: list[str]
     """``<category>/<node name>`` of every node the job runs."""
     log_folder: str
-    tasks: int = 1
+    tasks: list[str] = field(default_factory=list)
+    """Array tasks that together run the nodes (extraction shards), when there are several."""
 
 
 @dataclass
@@ -90,8 +95,7 @@ def _executor(kind: Executor, folder: Path, profile: ClusterProfile, stage: str,
         extra = {"kill_on_invalid_dep": "yes"} if dependency else {}
         optional = {"slurm_partition": resources.partition, "slurm_account": resources.account,
                     "slurm_qos": resources.qos, "slurm_constraint": resources.constraint,
-                    "slurm_gres": resources.gres,
-                    "slurm_dependency": "afterok:" + ":".join(dependency) if dependency else None}
+                    "slurm_gres": resources.gres, "slurm_dependency": ",".join(dependency) or None}
         executor.update_parameters(slurm_array_parallelism=profile.array_parallelism, slurm_setup=list(profile.setup),
                                    slurm_additional_parameters=extra,
                                    **{key: value for key, value in optional.items() if value is not None})
@@ -119,9 +123,8 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
         submission.complete += [node_id(node) for node in graph if node not in todo]
         if todo:
             pending.append((graph, todo))
-    if executor == "slurm":
-        for graph, todo in pending:
-            _submit_slurm_category(config, raw, graph, todo, profile, logs, submission)
+    if executor == "slurm" and pending:
+        _submit_slurm(config, raw, pending, profile, logs, submission)
     elif pending:
         cpus = profile.for_stage("chain").cpus_per_task
         workers = len(pending) if executor == "debug" else max(1, min(len(pending), len(os.sched_getaffinity(0)) // cpus))
@@ -134,22 +137,37 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
     return submission
 
 
-def _submit_slurm_category(config: ExperimentConfig, raw: dict, graph: dict[Node, tuple[Node, ...]],
-                           todo: list[Node], profile: ClusterProfile, logs: Path, submission: Submission) -> None:
-    """One job per node (an array over shards for extraction), depending on its upstream jobs."""
-    job_of: dict[Node, str] = {}
-    for node in todo:
-        dependency = sorted({job_of[up] for up in graph[node] if up in job_of})
-        runner = _executor("slurm", logs, profile, node.stage, dependency)
-        if node.stage == EXTRACT:
-            shards = config.features.shards
-            with runner.batch():
-                jobs = [runner.submit(StageJob(), raw, node, (i, shards)) for i in range(shards)]
-        else:
-            jobs = [runner.submit(StageJob(), raw, node)]
-        job_of[node] = _base_id(jobs[0])
+def _submit_slurm(config: ExperimentConfig, raw: dict, pending: list[tuple[dict[Node, tuple[Node, ...]], list[Node]]],
+                  profile: ClusterProfile, logs: Path, submission: Submission) -> None:
+    """One array per stage over the categories with work to do, chained task by task."""
+    categories = [todo[0].category for _, todo in pending]
+    todo = {node for _, nodes in pending for node in nodes}
+    # Every category of a run has the same stages; take their order and dependencies from one graph.
+    stages = {(node.stage, node.model): [(up.stage, up.model) for up in ups] for node, ups in pending[0][0].items()}
+    array_of: dict[tuple[str, str | None], str] = {}
+    for stage, upstream in stages.items():
+        nodes = [Node(category, *stage) for category in categories]
+        if not any(node in todo for node in nodes):
+            continue
+        dependency = ",".join(f"{'afterany' if up[0] == EXTRACT else 'aftercorr'}:{array_of[up]}"
+                              for up in upstream if up in array_of)
+        runner = _executor("slurm", logs, profile, stage[0], [dependency] if dependency else [])
+        with runner.batch():
+            if stage[0] == EXTRACT:
+                shards = config.features.shards
+                work = [(node, (i, shards)) for node in nodes if node in todo for i in range(shards)]
+                jobs = [runner.submit(StageJob(), raw, node, shard) for node, shard in work]
+            else:
+                work = [(node, None) for node in nodes]  # aligned with the upstream arrays
+                jobs = [runner.submit(StageJob(), raw, node) for node, _ in work]
+        array_of[stage] = _base_id(jobs[0])
         submission.handles += jobs
-        submission.jobs.append(SubmittedJob(job_of[node], [node_id(node)], str(logs), len(jobs)))
+        for node in dict.fromkeys(node for node, _ in work):
+            if node not in todo:
+                continue
+            tasks = [str(job.job_id) for job, (other, _) in zip(jobs, work) if other == node]
+            submission.jobs.append(SubmittedJob(tasks[0] if len(tasks) == 1 else array_of[stage], [node_id(node)],
+                                                str(logs), tasks if len(tasks) > 1 else []))
 
 
 def read_submissions(run_dir: Path) -> list[dict]:
