@@ -61,15 +61,24 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _models_and_categories(args: argparse.Namespace, config) -> tuple[list[str], list[str]]:
+    """``--model`` (default: the config's models, each checked before any work starts) and
+    ``--category`` (default: every category of the config)."""
     from effad_hpc.data import categories_of
-    from effad_hpc.training import recipe, stage_dir, train
+    from effad_hpc.training import recipe
 
-    config = _load(args)
     models = args.model or list(config.models)
     for model in models:
-        recipe(model)  # an unknown name fails before any work starts
-    for category in [args.category] if args.category else categories_of(config):
+        recipe(model)
+    return models, [args.category] if args.category else categories_of(config)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from effad_hpc.training import stage_dir, train
+
+    config = _load(args)
+    models, categories = _models_and_categories(args, config)
+    for category in categories:
         for model in models:
             for record in train(config, model, category, args.stage, show_progress=not args.quiet):
                 state = "stopped early" if record.stopped_early else "all epochs"
@@ -80,15 +89,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from effad_hpc.data import categories_of
     from effad_hpc.evaluation import evaluate_category, results_dir
-    from effad_hpc.training import recipe
 
     config = _load(args)
-    models = args.model or list(config.models)
-    for model in models:
-        recipe(model)
-    for category in [args.category] if args.category else categories_of(config):
+    models, categories = _models_and_categories(args, config)
+    for category in categories:
         for model in models:
             metrics = evaluate_category(config, model, category, show_progress=not args.quiet)["metrics"]
             shown = ", ".join(f"{name} {metrics[name]:.4f}" for name in ("image_auroc", "pixel_auroc", "au_pro",
@@ -99,19 +104,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from effad_hpc.data import categories_of
     from effad_hpc.hpc.profiles import load_profile
     from effad_hpc.hpc.status import DONE, make_console, run_states, summary, watch
     from effad_hpc.hpc.submit import resolve_executor, submit_run
-    from effad_hpc.training import recipe
 
     config = _load(args)
-    models = args.model or list(config.models)
-    for model in models:
-        recipe(model)
+    models, categories = _models_and_categories(args, config)
     executor = resolve_executor(args.executor or config.run.executor)
     profile = load_profile(args.profile or config.run.profile)
-    categories = [args.category] if args.category else categories_of(config)
     submission = submit_run(config, categories, models, executor, profile)
     console = make_console()
     console.print(f"{config.name}: {len(submission.jobs)} job(s) submitted to {executor}, "
