@@ -19,6 +19,13 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="override a config value")
 
 
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--category``, read by :func:`_models_and_categories`."""
+    parser.add_argument("--model", action="append",
+                        help="registered model name, repeatable (default: the config's models)")
+    parser.add_argument("--category", help="default: every category of the config")
+
+
 def _load(args: argparse.Namespace):
     from effad_hpc.config import load_config
 
@@ -218,16 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model's stages for one or every category (resumes, skips what is done)")
     _add_config(p)
-    p.add_argument("--model", action="append", help="registered model name, repeatable (default: the config's models)")
-    p.add_argument("--category", help="default: every category of the config")
+    _add_selection(p)
     p.add_argument("--stage", action="append", help="run only this stage of the model, repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate trained models on the test split: metrics.json, maps, plots")
     _add_config(p)
-    p.add_argument("--model", action="append", help="registered model name, repeatable (default: the config's models)")
-    p.add_argument("--category", help="default: every category of the config")
+    _add_selection(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_evaluate)
 
@@ -236,8 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["auto", "slurm", "local", "debug"],
                    help="default: run.executor of the config (auto: Slurm when a controller answers)")
     p.add_argument("--profile", type=Path, help="cluster profile YAML (default: run.profile; see slurm/profiles/)")
-    p.add_argument("--model", action="append", help="registered model name, repeatable (default: the config's models)")
-    p.add_argument("--category", help="default: every category of the config")
+    _add_selection(p)
     p.add_argument("--no-wait", action="store_true", help="return after submitting; follow with `effad-hpc status`")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between state updates")
     p.set_defaults(run=cmd_run)
