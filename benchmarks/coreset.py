@@ -34,7 +34,7 @@ def build_bank(images: int, image_size: int, out: Path) -> None:
     from effad_hpc.data import ImageDataset, read_category
     from effad_hpc.data.synthetic import generate
     from effad_hpc.features import build_backbone
-    from effad_hpc.models.patchcore import patch_features
+    from effad_hpc.models.feature_maps import patch_features
 
     root = out.parent / f"images-{images}"
     generate("ad", root, ["washer"], SyntheticConfig(size=image_size, num_train=images, num_test_good=1,

@@ -154,6 +154,100 @@ class StudentConfig(TrainedStage):
     ae_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
 
+class EfficientADConfig(Section):
+    """EfficientAD-S/M training on images (SPEC section 1); the teacher comes from ``distillation``."""
+
+    image_size: Annotated[int, Field(ge=64, multiple_of=32)] = 256
+    """Input side of teacher, student and autoencoder (the paper: 256; smaller only for quick tests)."""
+    steps: PositiveInt = 70_000
+    batch_size: PositiveInt = 1
+    lr: PositiveFloat = 1e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
+    lr_drop_at: Fraction | None = 0.95
+    """Multiply the learning rate by 0.1 after this fraction of the steps."""
+    hard_quantile: Annotated[float, Field(gt=0, le=1)] = 0.999
+    """Hard feature loss: only elements at or above this quantile of the squared error count."""
+    penalty_images: ConfigPath | None = None
+    """Optional ImageNet-like image folder (searched recursively) for the student's penalty loss."""
+    augmentation: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    """Strength of the brightness / contrast / saturation jitter (one, at random) of the AE input."""
+    ae_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    map_quantiles: tuple[Fraction, Fraction] = (0.9, 0.995)
+    """Validation quantiles (q_a, q_b) of each map that are mapped to 0 and 0.1."""
+    checkpoint_every: PositiveInt = 1_000
+    """Steps between resumable checkpoints (and log rows with the validation loss)."""
+
+    @model_validator(mode="after")
+    def _ordered_quantiles(self) -> EfficientADConfig:
+        if not self.map_quantiles[0] < self.map_quantiles[1]:
+            raise ValueError(f"map_quantiles {list(self.map_quantiles)}: the first must be below the second")
+        return self
+
+
+class DistillationConfig(Section):
+    """EfficientAD's teacher: a padded PDN regressed onto a pretrained backbone's mid-level
+    features (SPEC section 1). Runs once per run; every category uses the result."""
+
+    teacher_weights: ConfigPath | None = None
+    """A PDN state dict (``conv1.weight``, ...) to use instead of distilling; then nothing below is used."""
+    images: ConfigPath | None = None
+    """Folder of ImageNet-like images to distill on (ImageNet in the paper)."""
+    pattern: str = "**/*"
+    """Glob under ``images`` that selects the files (image suffixes only), e.g. ``*/train/good/*``."""
+    backbone: BackboneConfig = BackboneConfig(name="wide_resnet101_2", layers=["layer2", "layer3"])
+    backbone_image_size: PositiveInt = 512
+    """The backbone's input side; the PDN sees the same image at ``efficientad.image_size``."""
+    steps: PositiveInt = 60_000
+    batch_size: PositiveInt = 16
+    lr: PositiveFloat = 1e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
+    normalization_images: PositiveInt = 1_000
+    """Images whose target features give the per-channel mean and std the targets are normalized with."""
+    checkpoint_every: PositiveInt = 1_000
+
+    @model_validator(mode="after")
+    def _images_or_weights(self) -> DistillationConfig:
+        if self.teacher_weights is None and self.images is None:
+            raise ValueError("give distillation.images (a folder to distill the teacher on) "
+                             "or distillation.teacher_weights (a PDN state dict)")
+        return self
+
+
+Layers = Annotated[list[str], Field(min_length=1)]
+
+
+class BaselineConfig(Section):
+    """Features of a baseline: backbone layers, read from the store or computed on the fly."""
+
+    layers: Layers | None = None
+    """Backbone layers (mid-level ones); ``null`` uses ``backbone.layers``."""
+    feature_source: Literal["stored", "on_the_fly"] = "stored"
+    """``stored`` needs the layers in ``backbone.layers`` (the store holds those)."""
+    batch_size: PositiveInt = 8
+
+
+class PatchCoreConfig(BaselineConfig):
+    coreset_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """Fraction of the training patches kept in the memory bank (greedy coreset)."""
+    projection_dim: PositiveInt | None = 128
+    """Random projection the coreset is selected on (``null``: the full features)."""
+    num_neighbors: PositiveInt = 9
+    """Neighbours of the nearest bank vector in the image-score reweighting."""
+
+
+class PaDiMConfig(BaselineConfig):
+    dims: PositiveInt = 100
+    """Random channel subset kept (the paper: 100 for ResNet-18, 550 for WideResNet-50)."""
+    regularization: PositiveFloat = 0.01
+    """Added to the covariance's diagonal, so that it is invertible with few images."""
+
+
+class SPADEConfig(BaselineConfig):
+    image_neighbors: PositiveInt = 50
+    """K nearest training images (global features) whose pixels a test pixel is compared with."""
+    pixel_neighbors: PositiveInt = 1
+
+
 class InferenceConfig(Section):
     score: Literal["max", "mean"] = "max"
     """Image score from the combined anomaly map."""
@@ -200,9 +294,29 @@ class ExperimentConfig(Section):
     features: FeaturesConfig = FeaturesConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
+    efficientad: EfficientADConfig = EfficientADConfig()
+    distillation: DistillationConfig | None = None
+    """Required by EfficientAD-S/M."""
+    patchcore: PatchCoreConfig = PatchCoreConfig()
+    padim: PaDiMConfig = PaDiMConfig()
+    spade: SPADEConfig = SPADEConfig()
     inference: InferenceConfig = InferenceConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _stored_baseline_layers_are_stored(self) -> ExperimentConfig:
+        for name in ("patchcore", "padim", "spade"):
+            section: BaselineConfig = getattr(self, name)
+            missing = [layer for layer in section.layers or () if layer not in self.backbone.layers]
+            if section.feature_source == "stored" and missing:
+                raise ValueError(f"{name}.layers {missing} are not in backbone.layers {self.backbone.layers}, the "
+                                 f"layers the feature store holds: add them there or set {name}.feature_source: on_the_fly")
+        if any(model.startswith("efficientad_") and model != "efficientad_ast" for model in self.models) \
+                and self.distillation is None:
+            raise ValueError("EfficientAD-S/M need a teacher: add a distillation section "
+                             "(distillation.images to distill one, or distillation.teacher_weights)")
+        return self
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -242,6 +356,8 @@ def format_errors(source: str, error: ValidationError) -> str:
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"
+        elif item["type"] == "value_error" and not item["loc"]:  # a check across sections: the input is the whole file
+            message = item["msg"].removeprefix("Value error, ")
         else:
             message = f"{item['msg']} (got {item['input']!r})"
         lines.append(f"{source}: {key}: {message}")

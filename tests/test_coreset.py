@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from effad_hpc.models.coreset import greedy_coreset, project
-from effad_hpc.models.patchcore import patch_features
+from effad_hpc.models.feature_maps import patch_features
 
 
 def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:

@@ -61,7 +61,7 @@ from effad_hpc.evaluation.metrics import (
     spro_regions,
 )
 from effad_hpc.models import AnomalyDetector, image_scores, resize_maps
-from effad_hpc.training import load_detector, read_log, read_record, recipe, stage_dir, stage_key
+from effad_hpc.training import load_detector, read_log, read_record, recipe, stage_folder, stage_key
 from effad_hpc.utils.atomic import atomic_write_json
 from effad_hpc.utils.device import autocast, resolve_device
 from effad_hpc.utils.provenance import code_version
@@ -115,17 +115,18 @@ def _full_size_maps(detector: AnomalyDetector, samples: Sequence[Sample], config
                     device: torch.device, progress: Progress, description: str
                     ) -> Iterator[tuple[int, np.ndarray, float, np.ndarray | None]]:
     """Per sample: (index, combined map at the original image size, image score, teacher grid map)."""
-    loader = DataLoader(ImageDataset(samples, config.data.image_size), batch_size=config.inference.batch_size,
+    loader = DataLoader(ImageDataset(samples, detector.image_size), batch_size=config.inference.batch_size,
                         num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
     task = progress.add_task(description, total=len(samples))
     for batch in loader:
         with autocast(device, config.run.mixed_precision):
-            grid = detector.grid_maps(batch["image"].to(device, non_blocking=True))
+            grid, model_scores = detector.grid_output(batch["image"].to(device, non_blocking=True))
         for row, index in enumerate(batch["index"].tolist()):
             width, height = image_size(samples[index].path)
             combined = resize_maps({"combined": grid["combined"][row:row + 1]}, (height, width))["combined"]
             teacher = grid["teacher"][row].float().cpu().numpy() if "teacher" in grid else None
-            yield index, combined[0].cpu().numpy(), float(image_scores(combined, detector.score)), teacher
+            score = model_scores[row] if model_scores is not None else image_scores(combined, detector.score)[0]
+            yield index, combined[0].cpu().numpy(), float(score), teacher
             progress.advance(task)
 
 
@@ -200,7 +201,7 @@ def score_pixels(data: CategoryData, test: Sequence[Sample], config: ExperimentC
 def time_inference(detector: AnomalyDetector, samples: Sequence[Sample], config: ExperimentConfig,
                    device: torch.device) -> tuple[float, float]:
     """(ms per image at batch 1, images per second at the inference batch size), after warm-up."""
-    dataset = ImageDataset(samples, config.data.image_size)
+    dataset = ImageDataset(samples, detector.image_size)
     batch_size = config.inference.batch_size
     images = torch.stack([dataset[i % len(dataset)]["image"] for i in range(batch_size)]).to(device)
     repeats = config.evaluation.latency_repeats
@@ -319,7 +320,7 @@ def evaluate_category(config: ExperimentConfig, model: str, category: str, show_
     latency_ms, throughput = time_inference(detector, test, config, device)
 
     stages = recipe(model).stages
-    records = {stage: read_record(stage_dir(config, category, stage)) for stage in stages}
+    records = {stage: read_record(stage_folder(config, category, stage)) for stage in stages}
     metrics = _image_metrics(test, predictions, thresholds, data.layout)
     metrics |= _pixel_metrics(curves, pixel_at_threshold, config, data.layout)
     metrics |= {"latency_ms": latency_ms, "throughput_ips": throughput}
@@ -328,7 +329,7 @@ def evaluate_category(config: ExperimentConfig, model: str, category: str, show_
                     f"final_epoch_{stage}": record.final_epoch}
     metrics["train_seconds_total"] = sum(record.train_seconds for record in records.values())
 
-    logs = {stage: read_log(stage_dir(config, category, stage)) for stage in stages}
+    logs = {stage: read_log(stage_folder(config, category, stage)) for stage in stages}
     _plots(folder, test, predictions, curves, logs, f"{category} {model}")
     evaluation = config.evaluation
     result = {

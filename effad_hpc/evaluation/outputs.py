@@ -64,15 +64,16 @@ def plot_curve(path: Path, x: np.ndarray, y: np.ndarray, title: str, xlabel: str
 
 
 def plot_losses(path: Path, logs: dict[str, list[dict]], title: str) -> None:
-    """Training and validation loss per epoch, one panel per stage."""
+    """Training and validation loss per epoch (or step), one panel per trained stage."""
+    logs = {stage: rows for stage, rows in logs.items() if rows}  # fitted baselines have no loss
     figure, panels = plt.subplots(1, max(len(logs), 1), figsize=(4.5 * max(len(logs), 1), 3.5), squeeze=False)
     for axes, (stage, rows) in zip(panels[0], logs.items()):
-        epochs = [int(row["epoch"]) for row in rows]
-        axes.plot(epochs, [float(row["train_total"]) for row in rows], label="train")
-        validated = [(int(row["epoch"]), float(row["validation"])) for row in rows if row.get("validation")]
+        unit = "epoch" if "epoch" in rows[0] else "step"
+        axes.plot([int(row[unit]) for row in rows], [float(row["train_total"]) for row in rows], label="train")
+        validated = [(int(row[unit]), float(row["validation"])) for row in rows if row.get("validation")]
         if validated:
             axes.plot(*zip(*validated), marker="o", markersize=3, label="validation")
-        axes.set(title=f"{title}: {stage}", xlabel="epoch", ylabel="loss")
+        axes.set(title=f"{title}: {stage}", xlabel=unit, ylabel="loss")
         axes.legend()
         axes.grid(alpha=0.3)
     _save(figure, path)

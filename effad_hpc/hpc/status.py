@@ -23,7 +23,7 @@ from effad_hpc.config import CONFIG_FILENAME, ExperimentConfig, load_config
 from effad_hpc.data import categories_of
 from effad_hpc.errors import ConfigError
 from effad_hpc.evaluation import read_metrics, results_dir
-from effad_hpc.hpc.graph import Node, category_graph, is_complete
+from effad_hpc.hpc.graph import Node, is_complete, run_graph
 from effad_hpc.hpc.submit import node_id, read_submissions
 
 DONE, RUNNING, PENDING, FAILED, BLOCKED, MISSING = "DONE", "RUNNING", "PENDING", "FAILED", "BLOCKED", "NOT SUBMITTED"
@@ -105,8 +105,7 @@ def run_states(config: ExperimentConfig, models: list[str] | None = None) -> lis
             for nid in job["nodes"]:
                 latest[nid] = (submission, job)
     slurm = _sacct([job["job_id"] for sub, job in latest.values() if sub["executor"] == "slurm"])
-    nodes = [node for category in categories_of(config)
-             for node in category_graph(config, category, models or list(config.models))]
+    nodes = list(run_graph(config, categories_of(config), models or list(config.models)))
     done = {node_id(node) for node in nodes if is_complete(config, node)}
     running: dict[str, bool] = {}  # local job id -> still running, asked once per job
     states: list[NodeState] = []

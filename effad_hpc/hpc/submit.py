@@ -4,10 +4,12 @@ Slurm: one job array per stage, one task per category (the same category order i
 so that a stage's task i depends on task i of the stage it reads (``aftercorr``, with
 ``kill-on-invalid-dep``): a failing category cancels only its own downstream tasks. Extraction is
 one array over every (category, shard); the first stages after it wait for all of it to end
-(``afterany``) and a category whose store is incomplete then fails alone. A task whose stage is
-already complete for its category returns at once.
+(``afterany``) and a category whose store is incomplete then fails alone. A stage shared by every
+category (teacher distillation) is one job that the arrays reading it wait for (``afterok``). A
+task whose stage is already complete for its category returns at once.
 Local and debug: categories are dealt round-robin to as many chain jobs as the machine has
-cores for (``cpus // cpus_per_task``), each running its incomplete nodes in order.
+cores for (``cpus // cpus_per_task``), each running its incomplete nodes in order; a shared
+node heads every chain, and the first to reach it trains it while the others wait on its lock.
 
 Every submission is appended to ``<run.out_dir>/jobs.json`` (job ids, nodes, log folders), which
 ``effad-hpc status`` reads, also from another process.
@@ -29,6 +31,7 @@ import submitit
 from effad_hpc.config import ExperimentConfig, config_hash, write_resolved_config
 from effad_hpc.errors import ConfigError
 from effad_hpc.hpc.graph import EXTRACT, Node, category_graph, is_complete
+from effad_hpc.training.artifacts import SHARED
 from effad_hpc.hpc.jobs import ChainJob, StageJob
 from effad_hpc.hpc.profiles import ClusterProfile
 from effad_hpc.utils.atomic import atomic_write_json
@@ -120,7 +123,8 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
     for category in categories:
         graph = category_graph(config, category, models)
         todo = [node for node in graph if not is_complete(config, node)]
-        submission.complete += [node_id(node) for node in graph if node not in todo]
+        submission.complete += [node_id(node) for node in graph
+                                if node not in todo and node_id(node) not in submission.complete]
         if todo:
             pending.append((graph, todo))
     if executor == "slurm" and pending:
@@ -129,7 +133,7 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
         cpus = profile.for_stage("chain").cpus_per_task
         workers = len(pending) if executor == "debug" else max(1, min(len(pending), len(os.sched_getaffinity(0)) // cpus))
         for worker in range(workers):
-            nodes = [node for _, todo in pending[worker::workers] for node in todo]
+            nodes = list(dict.fromkeys(node for _, todo in pending[worker::workers] for node in todo))
             job = _executor(executor, logs, profile, "chain", []).submit(ChainJob(), raw, nodes, cpus)
             submission.handles.append(job)
             submission.jobs.append(SubmittedJob(str(job.job_id), [node_id(n) for n in nodes], str(logs)))
@@ -144,14 +148,23 @@ def _submit_slurm(config: ExperimentConfig, raw: dict, pending: list[tuple[dict[
     todo = {node for _, nodes in pending for node in nodes}
     # Every category of a run has the same stages; take their order and dependencies from one graph.
     stages = {(node.stage, node.model): [(up.stage, up.model) for up in ups] for node, ups in pending[0][0].items()}
+    shared = {(node.stage, node.model) for node in pending[0][0] if node.shared}
     array_of: dict[tuple[str, str | None], str] = {}
     for stage, upstream in stages.items():
+        dependency = ",".join(f"{'afterany' if up[0] == EXTRACT else 'afterok' if up in shared else 'aftercorr'}:"
+                              f"{array_of[up]}" for up in upstream if up in array_of)
+        runner = _executor("slurm", logs, profile, stage[0], [dependency] if dependency else [])
+        if stage in shared:
+            node = Node(SHARED, *stage)
+            if node in todo:
+                job = runner.submit(StageJob(), raw, node)
+                array_of[stage] = str(job.job_id)
+                submission.handles.append(job)
+                submission.jobs.append(SubmittedJob(str(job.job_id), [node_id(node)], str(logs)))
+            continue
         nodes = [Node(category, *stage) for category in categories]
         if not any(node in todo for node in nodes):
             continue
-        dependency = ",".join(f"{'afterany' if up[0] == EXTRACT else 'aftercorr'}:{array_of[up]}"
-                              for up in upstream if up in array_of)
-        runner = _executor("slurm", logs, profile, stage[0], [dependency] if dependency else [])
         with runner.batch():
             if stage[0] == EXTRACT:
                 shards = config.features.shards

@@ -19,27 +19,10 @@ from torch import nn
 
 from effad_hpc.models.autoencoder import FeatureAutoencoder
 from effad_hpc.models.flow import FlowTeacher, negative_log_likelihood
+from effad_hpc.models.losses import hard_mse
 from effad_hpc.models.positional import positional_encoding_2d
 from effad_hpc.models.registry import register_model
 from effad_hpc.models.student import ResidualStudent
-
-
-def hard_mse(target: torch.Tensor, prediction: torch.Tensor, percentile: float = 1.0) -> torch.Tensor:
-    """Mean squared error over the elements whose error is at least its ``percentile`` quantile.
-
-    1.0 averages every element (the thesis's choice); 0.999 is EfficientAD's hard feature loss.
-    """
-    squared = (target - prediction).pow(2)
-    if percentile >= 1.0:
-        return squared.mean()
-    flat = squared.flatten()
-    # torch.quantile's linear interpolation, through kthvalue, which has no size limit
-    # (torch.quantile refuses more than 2^24 elements).
-    position = percentile * (flat.numel() - 1)
-    below = flat.detach().kthvalue(int(position) + 1).values
-    above = flat.detach().kthvalue(min(int(position) + 2, flat.numel())).values
-    threshold = below + (position - int(position)) * (above - below)
-    return flat[flat >= threshold].mean()
 
 
 def _full_precision(device: torch.device):

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from effad_hpc.features.backbones import FeatureExtractor
-from effad_hpc.models.feature_maps import concat_layers
+from effad_hpc.models.feature_maps import PREPARATIONS, Preparation
 
 ImageScore = Literal["max", "mean"]
 
@@ -29,24 +29,41 @@ def image_scores(combined: torch.Tensor, how: ImageScore = "max") -> torch.Tenso
 class AnomalyDetector(nn.Module):
     """``forward(images in [0, 1], size) -> {"maps": {name: (B, *size)}, "score": (B,)}``.
 
-    Each map of the model (``combined`` plus its parts) is resized bilinearly to ``size`` (default:
-    the square input size), without padding; the image score is the max (or mean) of the
-    resized combined map.
+    The model reads the images themselves (``extractor=None``, EfficientAD) or the backbone's
+    ``layers`` prepared as ``preparation`` names. Each map of the model (``combined`` plus its
+    parts) is resized bilinearly to ``size`` (default: the square input size); the image score
+    is the model's own (``model.image_scores``, e.g. PatchCore's reweighting) where it has one,
+    else the max (or mean) of the resized combined map.
     """
 
-    def __init__(self, extractor: FeatureExtractor, model: nn.Module, layers: Sequence[str], image_size: int,
-                 score: ImageScore = "max"):
+    def __init__(self, model: nn.Module, image_size: int, score: ImageScore = "max",
+                 extractor: FeatureExtractor | None = None, layers: Sequence[str] = (),
+                 preparation: Preparation = "coarsest"):
         super().__init__()
         self.extractor, self.model = extractor, model
-        self.layers, self.image_size, self.score = list(layers), image_size, score
+        self.layers, self.preparation = list(layers), preparation
+        self.image_size, self.score = image_size, score
         self.eval()
+
+    def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        if self.extractor is None:
+            return images
+        return PREPARATIONS[self.preparation](self.extractor(images), self.layers)
+
+    @torch.no_grad()
+    def grid_output(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The model's maps on its grid, before resizing, and its own image scores (or None)."""
+        inputs = self.model_inputs(images)
+        maps = self.model.maps(inputs)
+        scores = self.model.image_scores(inputs, maps) if hasattr(self.model, "image_scores") else None
+        return maps, scores
 
     @torch.no_grad()
     def grid_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The model's maps on the feature grid, before resizing."""
-        return self.model.maps(concat_layers(self.extractor(images), self.layers))
+        return self.grid_output(images)[0]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> dict:
-        maps = resize_maps(self.grid_maps(images), size or (self.image_size, self.image_size))
-        return {"maps": maps, "score": image_scores(maps["combined"], self.score)}
+        grid, scores = self.grid_output(images)
+        maps = resize_maps(grid, size or (self.image_size, self.image_size))
+        return {"maps": maps, "score": scores if scores is not None else image_scores(maps["combined"], self.score)}

@@ -1,11 +1,23 @@
-"""Turning a backbone's named feature maps into the one input tensor the AST-family models read."""
+"""Turning a backbone's named feature maps into the one input tensor a model reads.
+
+Each model family reads the layers differently, and names its way here (``PREPARATIONS``), so
+the feature sources of training and the detector of inference prepare features identically:
+
+- ``coarsest``: AST family, layers concatenated on the coarsest grid;
+- ``finest``: PaDiM and SPADE, layers upsampled to the finest grid and concatenated;
+- ``patches``: PatchCore (and EfficientAD's distillation targets), each layer averaged over a 3x3
+  neighbourhood first, so that a vector describes its surroundings, then as ``finest``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch.nn import functional as F
+
+Preparation = Literal["coarsest", "finest", "patches"]
 
 
 def concat_layers(features: Mapping[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
@@ -21,3 +33,23 @@ def concat_layers(features: Mapping[str, torch.Tensor], layers: Sequence[str]) -
     width = min(m.shape[-1] for m in maps)
     return torch.cat([m if m.shape[-2:] == (height, width) else F.adaptive_avg_pool2d(m, (height, width))
                       for m in maps], dim=1)
+
+
+def upsample_concat(features: Mapping[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
+    """Concatenate several layers along channels on the finest grid among them (bilinear upsampling)."""
+    maps = [features[name].float() for name in layers]
+    height, width = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
+    return torch.cat([m if m.shape[-2:] == (height, width)
+                      else F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
+                      for m in maps], dim=1)
+
+
+def patch_features(features: Mapping[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
+    """PatchCore's locally aware patch features (Roth et al., CVPR 2022) on the finest grid."""
+    smoothed = {name: F.avg_pool2d(features[name].float(), 3, stride=1, padding=1, count_include_pad=False)
+                for name in layers}
+    return upsample_concat(smoothed, layers)
+
+
+PREPARATIONS: dict[str, Callable[[Mapping[str, torch.Tensor], Sequence[str]], torch.Tensor]] = {
+    "coarsest": concat_layers, "finest": upsample_concat, "patches": patch_features}

@@ -33,6 +33,8 @@ LAST_CHECKPOINT = "last.pt"
 BEST_MODEL = "model.pt"
 LOG = "log.csv"
 RECORD = "stage.json"
+SHARED = "_shared"
+"""The folder (in place of a category) of stages that run once for every category."""
 
 
 def stage_dir(config: ExperimentConfig, category: str, stage: str) -> Path:
@@ -63,6 +65,7 @@ class StageRecord:
     key: str
     best_epoch: int
     final_epoch: int
+    """Epochs; steps for the step-based stages (EfficientAD, distillation); 1 for fitted baselines."""
     best_validation: float
     stopped_early: bool
     train_seconds: float
@@ -107,5 +110,9 @@ def write_log(folder: Path, history: list[dict]) -> None:
 
 
 def read_log(folder: Path) -> list[dict]:
-    with open(Path(folder) / LOG, newline="") as fh:
+    """The stage's log rows; none for a stage without a training loop (a fitted baseline)."""
+    path = Path(folder) / LOG
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
         return list(csv.DictReader(fh))

@@ -65,13 +65,13 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
     device = resolve_device(config.run.device)
     source = open_source(config, category, config.student.feature_source, device)
     torch.manual_seed(config.seed)
-    model = build_model(model_name, **recipe(model_name).kwargs(config, source.channels, source.map_size))
+    model = recipe(model_name).build(config, source.channels, source.map_size, {})
     model.teacher.load_state_dict(load_state(teacher_path))
     model.to(device)
     penalty = None
     if config.student.penalty_images is not None:
         compute = source.compute if isinstance(source, ComputedFeatures) else BackboneFeatures(config, device)
-        penalty = PenaltyImages(config.student.penalty_images, config, compute)
+        penalty = PenaltyImages(config.student.penalty_images, "student.penalty_images", config.data.image_size, compute)
     return fit(StageRun(stage, category, folder, key, config.student, model, model.losses, source, config.seed,
                         config.run.mixed_precision, penalty), show_progress)
 
@@ -104,5 +104,15 @@ register_stage(Stage("student", train_student, _student_settings("ast"), needs=(
                      uses_store=lambda config: config.student.feature_source == "stored"))
 register_stage(Stage("student_ae", train_student_ae, _student_settings("efficientad_ast"), needs=("teacher",),
                      uses_store=lambda config: config.student.feature_source == "stored"))
-register_recipe(ModelRecipe("ast", ("teacher", "student"), _student_kwargs))
-register_recipe(ModelRecipe("efficientad_ast", ("teacher", "student_ae"), _efficientad_ast_kwargs))
+
+
+def _builder(model_name: str, kwargs: Callable[[ExperimentConfig, int, int], dict]):
+    def build(config: ExperimentConfig, channels: int, map_size: int, _state: dict) -> torch.nn.Module:
+        return build_model(model_name, **kwargs(config, channels, map_size))
+
+    return build
+
+
+register_recipe(ModelRecipe("ast", ("teacher", "student"), _builder("ast", _student_kwargs)))
+register_recipe(ModelRecipe("efficientad_ast", ("teacher", "student_ae"),
+                            _builder("efficientad_ast", _efficientad_ast_kwargs)))

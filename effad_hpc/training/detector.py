@@ -12,9 +12,9 @@ from effad_hpc.data import ImageDataset
 from effad_hpc.data.mvtec import Sample
 from effad_hpc.errors import CheckpointError
 from effad_hpc.features.backbones import build_backbone
-from effad_hpc.models import AnomalyDetector, build_model
-from effad_hpc.training.artifacts import BEST_MODEL, completed_record, load_state, stage_dir
-from effad_hpc.training.registry import recipe, stage_key
+from effad_hpc.models import AnomalyDetector
+from effad_hpc.training.artifacts import BEST_MODEL, completed_record, load_state
+from effad_hpc.training.registry import recipe, stage_folder, stage_key
 from effad_hpc.utils.device import autocast
 
 
@@ -22,25 +22,33 @@ def load_detector(config: ExperimentConfig, model_name: str, category: str, devi
     """The trained model of this config and category with its backbone, in eval mode on ``device``."""
     model_recipe = recipe(model_name)
     final = model_recipe.stages[-1]
-    folder = stage_dir(config, category, final)
+    folder = stage_folder(config, category, final)
     if completed_record(folder, stage_key(config, final)) is None:
         raise CheckpointError(f"{folder}: {model_name} is not trained for this config; run "
                               f"`effad-hpc train --model {model_name} --category {category}` first")
-    backbone = build_backbone(config.backbone)
-    layers = {layer.name: layer for layer in backbone.layers}
-    size = config.data.image_size
-    channels = sum(layers[name].channels for name in config.backbone.layers)
-    map_size = min(layers[name].map_size(size) for name in config.backbone.layers)
-    model = build_model(model_name, **model_recipe.kwargs(config, channels, map_size))
-    model.load_state_dict(load_state(folder / BEST_MODEL))
-    detector = AnomalyDetector(backbone.extractor, model, config.backbone.layers, size, config.inference.score)
+    inputs = model_recipe.inputs(config)
+    state = load_state(folder / BEST_MODEL)
+    if inputs.backbone is None:
+        model = model_recipe.build(config, 3, inputs.image_size, state)
+        extractor = None
+    else:
+        backbone = build_backbone(inputs.backbone)
+        layers = {layer.name: layer for layer in backbone.layers}
+        channels = sum(layers[name].channels for name in inputs.layers)
+        sizes = [layers[name].map_size(inputs.image_size) for name in inputs.layers]
+        map_size = min(sizes) if inputs.preparation == "coarsest" else max(sizes)
+        model = model_recipe.build(config, channels, map_size, state)
+        extractor = backbone.extractor
+    model.load_state_dict(state)
+    detector = AnomalyDetector(model, inputs.image_size, config.inference.score, extractor, inputs.layers,
+                               inputs.preparation)
     return detector.to(device).eval()
 
 
 def predict(detector: AnomalyDetector, samples: Sequence[Sample], config: ExperimentConfig,
             device: torch.device) -> Iterator[tuple[list[int], dict]]:
     """Batched inference over samples: yields (sample indices, detector output on the CPU)."""
-    loader = DataLoader(ImageDataset(samples, config.data.image_size), batch_size=config.inference.batch_size,
+    loader = DataLoader(ImageDataset(samples, detector.image_size), batch_size=config.inference.batch_size,
                         num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
     for batch in loader:
         with autocast(device, config.run.mixed_precision):

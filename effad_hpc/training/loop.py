@@ -58,18 +58,18 @@ class StageRun:
     penalty: PenaltyImages | None = None
 
 
-def _generator(seed: int, *purpose) -> torch.Generator:
+def seeded_generator(seed: int, *purpose) -> torch.Generator:
     return torch.Generator().manual_seed(int(stable_hash([seed, *purpose]), 16) % (2**63))
 
 
-def _rng_state(device: torch.device) -> dict:
+def rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _restore_rng(state: dict, device: torch.device) -> None:
+def restore_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -100,8 +100,8 @@ def _validate(run: StageRun) -> float:
 def _train_epoch(run: StageRun, epoch: int, optimizer, scaler, progress: Progress, task) -> dict[str, float]:
     run.model.train()
     n = run.source.size("train")
-    order = torch.randperm(n, generator=_generator(run.seed, run.stage, "order", epoch)).tolist()
-    penalty_generator = _generator(run.seed, run.stage, "penalty", epoch)
+    order = torch.randperm(n, generator=seeded_generator(run.seed, run.stage, "order", epoch)).tolist()
+    penalty_generator = seeded_generator(run.seed, run.stage, "penalty", epoch)
     sums: dict[str, float] = {}
     for features in run.source.batches("train", order, run.settings.batch_size):
         penalty = run.penalty.batch(penalty_generator, len(features)) if run.penalty else None
@@ -143,7 +143,7 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            _restore_rng(state["rng"], device)
+            restore_rng(state["rng"], device)
             epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
             best_value, best_epoch = state["best_value"], state["best_epoch"]
             resumed = [*state["resumed_at_epochs"], epoch]
@@ -172,7 +172,7 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
             write_log(folder, history)
             save_state({"key": run.key, "epoch": epoch, "model": run.model.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "rng": _rng_state(device), "history": history,
+                        "scaler": scaler.state_dict(), "rng": rng_state(device), "history": history,
                         "elapsed": elapsed, "best_value": best_value, "best_epoch": best_epoch,
                         "resumed_at_epochs": resumed}, last)
             progress.update(epochs_task, completed=epoch,

@@ -3,8 +3,10 @@
 A :class:`Stage` is a function of (config, category) that writes its artifacts under
 ``train/<category>/<stage>/``; its key hashes every config value that changes its result plus
 the keys of the stages it builds on, so a changed input retrains it and everything downstream.
-A :class:`ModelRecipe` names the stages of a model and turns a config into the keyword
-arguments of the pure torch model (:func:`effad_hpc.models.build_model`).
+A stage marked ``shared`` (EfficientAD's teacher distillation) runs once per run, under
+``train/_shared/<stage>/``, and every category's stages that need it read that one result.
+A :class:`ModelRecipe` names the stages of a model, what the model reads (images, or backbone
+layers prepared in a named way) and how a config and a trained state build the pure torch model.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from effad_hpc.config import ExperimentConfig, stable_hash
+from torch import nn
+
+from effad_hpc.config import BackboneConfig, ExperimentConfig, stable_hash
 from effad_hpc.errors import ConfigError
 from effad_hpc.features.extract import feature_key
-from effad_hpc.training.artifacts import StageRecord
+from effad_hpc.models.feature_maps import Preparation
+from effad_hpc.training.artifacts import SHARED, StageRecord, stage_dir
+from effad_hpc.utils.atomic import exclusive_lock
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,26 @@ class Stage:
     """Upstream stages whose artifacts this one reads."""
     uses_store: Callable[[ExperimentConfig], bool] = lambda config: True
     """Whether the stage reads the HDF5 feature store (then extraction must run first)."""
+    reads_backbone: bool = True
+    """Whether the stage reads ``backbone`` features (then their key is part of the stage key)."""
+    shared: bool = False
+    """Runs once per run for every category (its folder is ``train/_shared/<stage>``)."""
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a model reads: images of ``image_size`` (no ``backbone``), or the backbone's ``layers``
+    at ``image_size`` prepared into one tensor as ``preparation`` names."""
+
+    image_size: int
+    backbone: BackboneConfig | None = None
+    layers: tuple[str, ...] = ()
+    preparation: Preparation = "coarsest"
+
+
+def backbone_inputs(config: ExperimentConfig) -> ModelInputs:
+    """The configured backbone and layers on the coarsest grid (the AST family)."""
+    return ModelInputs(config.data.image_size, config.backbone, tuple(config.backbone.layers), "coarsest")
 
 
 @dataclass(frozen=True)
@@ -36,8 +62,10 @@ class ModelRecipe:
     name: str
     stages: tuple[str, ...]
     """In order; the last one writes the model that inference loads."""
-    kwargs: Callable[[ExperimentConfig, int, int], dict]
-    """``kwargs(config, feature_channels, map_size)`` for ``build_model(name, **kwargs)``."""
+    build: Callable[[ExperimentConfig, int, int, dict], nn.Module]
+    """``build(config, feature_channels, map_size, state)``: the pure torch model that ``state``
+    (the final stage's state dict, which the caller then loads) belongs to."""
+    inputs: Callable[[ExperimentConfig], ModelInputs] = backbone_inputs
 
 
 STAGES: dict[str, Stage] = {}
@@ -66,7 +94,23 @@ def recipe(name: str) -> ModelRecipe:
 
 def stage_key(config: ExperimentConfig, name: str) -> str:
     stage = STAGES[name]
+    backbone = {"features": feature_key(config), "layers": config.backbone.layers} if stage.reads_backbone else {}
     return stable_hash({
-        "stage": name, "seed": config.seed, "features": feature_key(config), "layers": config.backbone.layers,
+        "stage": name, "seed": config.seed, **backbone,
         "settings": stage.settings(config), "upstream": {need: stage_key(config, need) for need in stage.needs},
     })
+
+
+def stage_folder(config: ExperimentConfig, category: str, name: str):
+    """Where stage ``name`` of ``category`` keeps its files (the shared folder for a shared stage)."""
+    return stage_dir(config, SHARED if STAGES[name].shared else category, name)
+
+
+def run_stage(config: ExperimentConfig, name: str, category: str, show_progress: bool = True) -> StageRecord:
+    """Run (or resume, or skip when complete) one stage; a shared stage runs under a lock, so that
+    concurrent jobs of several categories train it once."""
+    stage = STAGES[name]
+    if not stage.shared:
+        return stage.run(config, category, show_progress=show_progress)
+    with exclusive_lock(stage_folder(config, category, name).parent / f".{name}.lock"):
+        return stage.run(config, SHARED, show_progress=show_progress)

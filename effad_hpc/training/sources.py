@@ -1,13 +1,14 @@
 """Feature batches for training: read from the HDF5 store, or computed by the frozen backbone.
 
 Both sources take the same sample order and return the same (B, C, h, w) float32 tensors (the
-configured backbone layers on one grid, see :func:`effad_hpc.models.concat_layers`), so a seed
-gives the same training run whichever source a config picks, up to the store's dtype.
+requested backbone layers prepared into one tensor as the model reads them, see
+:data:`effad_hpc.models.PREPARATIONS`), so a seed gives the same training run whichever source
+a config picks, up to the store's dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from effad_hpc.errors import ConfigError, DataError
 from effad_hpc.features.backbones import Backbone, build_backbone
 from effad_hpc.features.extract import feature_key, store_dir
 from effad_hpc.features.store import FeatureDataset
-from effad_hpc.models.feature_maps import concat_layers
+from effad_hpc.models.feature_maps import PREPARATIONS, Preparation
 from effad_hpc.utils.device import autocast
 
 
@@ -36,9 +37,17 @@ class FeatureSource:
     channels: int
     map_size: int
 
-    def __init__(self, config: ExperimentConfig, device: torch.device):
+    def __init__(self, config: ExperimentConfig, device: torch.device, layers: Sequence[str] | None = None,
+                 preparation: Preparation = "coarsest"):
         self.config, self.device = config, device
-        self.layers = list(config.backbone.layers)
+        self.layers = list(layers or config.backbone.layers)
+        self.preparation = preparation
+
+    def _set_shape(self, layers: dict[str, tuple[int, int]]) -> None:
+        """From {layer: (channels, map size)}: the prepared tensor's channels and grid side."""
+        self.channels = sum(layers[name][0] for name in self.layers)
+        sizes = [layers[name][1] for name in self.layers]
+        self.map_size = min(sizes) if self.preparation == "coarsest" else max(sizes)
 
     def size(self, split: str) -> int:
         raise NotImplementedError
@@ -52,47 +61,49 @@ class FeatureSource:
 
 
 class StoredFeatures(FeatureSource):
-    def __init__(self, config: ExperimentConfig, category: str, device: torch.device):
-        super().__init__(config, device)
+    def __init__(self, config: ExperimentConfig, category: str, device: torch.device,
+                 layers: Sequence[str] | None = None, preparation: Preparation = "coarsest"):
+        super().__init__(config, device, layers, preparation)
         folder, key = store_dir(config, category), feature_key(config)
         self.splits = {split: FeatureDataset(folder, split, self.layers, expected_key=key)
                        for split in ("train", "validation")}
-        meta = {layer["name"]: layer for layer in self.splits["train"].manifest["layers"]}
-        self.channels = sum(meta[name]["channels"] for name in self.layers)
-        self.map_size = min(meta[name]["map_size"] for name in self.layers)
+        self._set_shape({layer["name"]: (layer["channels"], layer["map_size"])
+                         for layer in self.splits["train"].manifest["layers"]})
 
     def size(self, split: str) -> int:
         return len(self.splits[split])
 
     def batches(self, split: str, order: Sequence[int], batch_size: int) -> Iterator[torch.Tensor]:
         for batch in self._loader(self.splits[split], order, batch_size):
-            yield concat_layers(batch["features"], self.layers).to(self.device, non_blocking=True)
+            features = PREPARATIONS[self.preparation](batch["features"], self.layers)
+            yield features.float().to(self.device, non_blocking=True)
 
 
 class BackboneFeatures:
-    """The frozen backbone (always in eval mode) as a function: images in [0, 1] -> features."""
+    """The frozen backbone (always in eval mode) as a function: images in [0, 1] -> prepared features."""
 
-    def __init__(self, config: ExperimentConfig, device: torch.device, backbone: Backbone | None = None):
+    def __init__(self, config: ExperimentConfig, device: torch.device, backbone: Backbone | None = None,
+                 layers: Sequence[str] | None = None, preparation: Preparation = "coarsest"):
         self.backbone = backbone or build_backbone(config.backbone)
         self.backbone.extractor.to(device)
-        self.layers, self.device, self.mixed_precision = list(config.backbone.layers), device, config.run.mixed_precision
+        self.layers, self.preparation = list(layers or config.backbone.layers), preparation
+        self.device, self.mixed_precision = device, config.run.mixed_precision
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(self.device, self.mixed_precision):
             features = self.backbone.extractor(images.to(self.device, non_blocking=True))
-        return concat_layers({name: f.float() for name, f in features.items()}, self.layers)
+        return PREPARATIONS[self.preparation]({name: f.float() for name, f in features.items()}, self.layers)
 
 
 class ComputedFeatures(FeatureSource):
-    def __init__(self, config: ExperimentConfig, category: str, device: torch.device):
-        super().__init__(config, device)
+    def __init__(self, config: ExperimentConfig, category: str, device: torch.device,
+                 layers: Sequence[str] | None = None, preparation: Preparation = "coarsest"):
+        super().__init__(config, device, layers, preparation)
         data = load_category(config, category)
         size = config.data.image_size
         self.splits = {split: ImageDataset(data.samples(split), size) for split in ("train", "validation")}
-        self.compute = BackboneFeatures(config, device)
-        layers = {layer.name: layer for layer in self.compute.backbone.layers}
-        self.channels = sum(layers[name].channels for name in self.layers)
-        self.map_size = min(layers[name].map_size(size) for name in self.layers)
+        self.compute = BackboneFeatures(config, device, layers=self.layers, preparation=preparation)
+        self._set_shape({layer.name: (layer.channels, layer.map_size(size)) for layer in self.compute.backbone.layers})
 
     def size(self, split: str) -> int:
         return len(self.splits[split])
@@ -102,25 +113,36 @@ class ComputedFeatures(FeatureSource):
             yield self.compute(batch["image"])
 
 
-def open_source(config: ExperimentConfig, category: str, kind: str, device: torch.device) -> FeatureSource:
-    if kind == "stored":
-        return StoredFeatures(config, category, device)
-    return ComputedFeatures(config, category, device)
+def open_source(config: ExperimentConfig, category: str, kind: str, device: torch.device,
+                layers: Sequence[str] | None = None, preparation: Preparation = "coarsest") -> FeatureSource:
+    source = StoredFeatures if kind == "stored" else ComputedFeatures
+    return source(config, category, device, layers, preparation)
+
+
+def image_folder(folder: Path, key: str, pattern: str = "**/*") -> list[Path]:
+    """The image files under ``folder`` that match ``pattern``, sorted; ``key`` names the config key in errors."""
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {folder} is not a folder")
+    paths = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{folder}: no images matching {pattern!r} (suffixes {', '.join(IMAGE_SUFFIXES)}) for {key}")
+    return paths
+
+
+def image_samples(paths: Sequence[Path], prefix: str) -> list[Sample]:
+    return [Sample(f"{prefix}/{i}", path, "train", "good") for i, path in enumerate(paths)]
 
 
 class PenaltyImages:
-    """Backbone features of random images from an ImageNet-like folder (EfficientAD's penalty)."""
+    """Random images from an ImageNet-like folder (EfficientAD's penalty), optionally turned into
+    backbone features by ``transform``."""
 
-    def __init__(self, folder: Path, config: ExperimentConfig, compute: BackboneFeatures):
-        if not folder.is_dir():
-            raise ConfigError(f"student.penalty_images: {folder} is not a folder")
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise DataError(f"{folder}: no images (suffixes {', '.join(IMAGE_SUFFIXES)}) for student.penalty_images")
-        self.images = ImageDataset([Sample(f"penalty/{i}", path, "train", "good") for i, path in enumerate(paths)],
-                                   config.data.image_size)
-        self.compute = compute
+    def __init__(self, folder: Path, key: str, image_size: int,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.images = ImageDataset(image_samples(image_folder(folder, key), "penalty"), image_size)
+        self.transform = transform
 
     def batch(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
         picks = torch.randint(len(self.images), (batch_size,), generator=generator).tolist()
-        return self.compute(torch.stack([self.images[i]["image"] for i in picks]))
+        images = torch.stack([self.images[i]["image"] for i in picks])
+        return self.transform(images) if self.transform else images

@@ -8,7 +8,7 @@ from effad_hpc.config import ExperimentConfig
 from effad_hpc.errors import ConfigError
 from effad_hpc.features.extract import extract_category
 from effad_hpc.training.artifacts import StageRecord
-from effad_hpc.training.registry import STAGES, recipe
+from effad_hpc.training.registry import STAGES, recipe, run_stage
 
 
 def train(config: ExperimentConfig, model: str, category: str, stages: Sequence[str] | None = None,
@@ -21,4 +21,4 @@ def train(config: ExperimentConfig, model: str, category: str, stages: Sequence[
     todo = [name for name in order if not stages or name in stages]
     if any(STAGES[name].uses_store(config) for name in todo):
         extract_category(config, category, show_progress=show_progress)
-    return [STAGES[name].run(config, category, show_progress=show_progress) for name in todo]
+    return [run_stage(config, name, category, show_progress) for name in todo]

@@ -1,0 +1,68 @@
+"""PaDiM (Defard et al., ICPR 2021): a Gaussian of normal features at every position.
+
+The input is the mid-level layers upsampled to the finest grid and concatenated
+(:func:`effad_hpc.models.feature_maps.upsample_concat`). A seeded random subset of ``dims``
+channels is kept; at every position the mean and the covariance of the training features are
+estimated, the covariance regularized with ``regularization * I`` (so it is invertible even
+with fewer images than channels), and the anomaly map is the Mahalanobis distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from effad_hpc.models.registry import register_model
+
+
+class PaDiM(nn.Module):
+    def __init__(self, in_channels: int, map_size: tuple[int, int], dims: int = 100, seed: int = 0):
+        super().__init__()
+        dims = min(dims, in_channels)
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("channel_index", torch.randperm(in_channels, generator=generator)[:dims].sort().values)
+        positions = map_size[0] * map_size[1]
+        self.register_buffer("mean", torch.zeros(positions, dims))
+        self.register_buffer("precision", torch.eye(dims).repeat(positions, 1, 1))
+
+    def _positions(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, h * w, dims): the kept channels at every position."""
+        return features.float()[:, self.channel_index].flatten(2).transpose(1, 2)
+
+    @classmethod
+    def fit(cls, batches: Iterable[torch.Tensor], dims: int = 100, regularization: float = 0.01,
+            seed: int = 0) -> PaDiM:
+        """One streaming pass; the sums are taken around the first batch's mean (a shift that keeps
+        float32 accurate), so memory is the model's own size whatever the number of images."""
+        model, shift, total, outer, count = None, None, None, None, 0
+        for batch in batches:
+            if model is None:
+                model = cls(batch.shape[1], tuple(batch.shape[-2:]), dims, seed).to(batch.device)
+            x = model._positions(batch)
+            if shift is None:
+                shift = x.mean(0)
+                total, outer = torch.zeros_like(shift), shift.new_zeros(model.precision.shape)
+            centred = x - shift
+            total += centred.sum(0)
+            outer += torch.einsum("bpi,bpj->pij", centred, centred)
+            count += len(x)
+        if model is None:
+            raise ValueError("PaDiM.fit: no training features")
+        mean_shift = total / count
+        covariance = (outer - count * mean_shift[:, :, None] * mean_shift[:, None, :]) / max(count - 1, 1)
+        covariance += regularization * torch.eye(covariance.shape[-1], device=covariance.device)
+        model.mean.copy_(shift + mean_shift)
+        model.precision.copy_(torch.linalg.inv(covariance))
+        return model
+
+    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        delta = self._positions(features) - self.mean
+        squared = torch.einsum("bpi,pij,bpj->bp", delta, self.precision, delta).clamp_min(0)
+        return {"combined": squared.sqrt().reshape(len(features), *features.shape[-2:])}
+
+
+@register_model("padim")
+def padim(in_channels: int, map_size: tuple[int, int], dims: int = 100, seed: int = 0) -> PaDiM:
+    return PaDiM(in_channels, map_size, dims, seed)

@@ -1,0 +1,296 @@
+"""Stages of EfficientAD-S/M: the teacher distillation (shared by every category), then the
+student + autoencoder of each category (SPEC section 1).
+
+``distill_s`` / ``distill_m`` regress a padded PDN onto a pretrained backbone's mid-level patch
+features (``distillation.backbone``) over an image folder, or take a user's PDN state dict
+(``distillation.teacher_weights``). ``efficientad_s`` / ``efficientad_m`` normalize the
+teacher's channels over the category's training images, train student and autoencoder for
+``efficientad.steps`` steps and then set the map normalization from validation quantiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
+
+from effad_hpc.config import DistillationConfig, ExperimentConfig
+from effad_hpc.data import ImageDataset, load_category
+from effad_hpc.errors import CheckpointError, ConfigError, DataError
+from effad_hpc.features.backbones import build_backbone
+from effad_hpc.models import PDN, build_model
+from effad_hpc.models.efficientad import EfficientAD, normalize_images
+from effad_hpc.models.losses import quantile
+from effad_hpc.models.pdn import PDNSize, distillation_targets, pdn_output_size
+from effad_hpc.training.artifacts import (
+    BEST_MODEL,
+    SHARED,
+    StageRecord,
+    completed_record,
+    load_state,
+    save_state,
+    stage_dir,
+    write_record,
+)
+from effad_hpc.training.registry import ModelInputs, ModelRecipe, Stage, register_recipe, register_stage, stage_key
+from effad_hpc.training.sources import BackboneFeatures, PenaltyImages, image_folder, image_samples
+from effad_hpc.training.steps import StepRun, StepSampler, fit_steps
+from effad_hpc.utils.atomic import sha256_file
+from effad_hpc.utils.device import resolve_device
+
+SIZES: dict[str, PDNSize] = {"s": "small", "m": "medium"}
+TARGET_STATS = "target_stats.pt"
+
+
+def _distillation(config: ExperimentConfig) -> DistillationConfig:
+    if config.distillation is None:
+        raise ConfigError("EfficientAD-S/M need a teacher: add a distillation section to the config "
+                          "(distillation.images to distill one, or distillation.teacher_weights)")
+    return config.distillation
+
+
+def _step_batches(dataset: ImageDataset, batch_size: int, seed: int, stage: str, start: int, steps: int,
+                  config: ExperimentConfig, device: torch.device) -> Iterator[torch.Tensor]:
+    loader = DataLoader(dataset, batch_sampler=StepSampler(len(dataset), batch_size, seed, stage, start, steps),
+                        num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
+    for batch in loader:
+        yield batch["image"].to(device, non_blocking=True)
+
+
+def _lazy_batches(make: Callable[[int], Iterator[torch.Tensor]]) -> Callable[[int], torch.Tensor]:
+    """The batch of a step from an iterator started at the first step asked for (a resume point)."""
+    state: dict[str, Iterator[torch.Tensor]] = {}
+
+    def batch(step: int) -> torch.Tensor:
+        if "batches" not in state:
+            state["batches"] = make(step)
+        return next(state["batches"])
+
+    return batch
+
+
+# --- teacher distillation ------------------------------------------------------------------
+
+
+def _use_teacher_file(config: ExperimentConfig, size: PDNSize, stage: str) -> StageRecord:
+    """Check a user's PDN state dict against the architecture and keep it as the stage's model."""
+    path = _distillation(config).teacher_weights
+    folder, key = stage_dir(config, SHARED, stage), stage_key(config, stage)
+    state = load_state(path)
+    teacher = PDN(size)
+    try:
+        teacher.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: not a PDN-{size[0].upper()} teacher state dict ({exc})") from None
+    save_state(teacher.state_dict(), folder / BEST_MODEL)
+    record = StageRecord(stage=stage, category=SHARED, key=key, best_epoch=0, final_epoch=0,
+                         best_validation=float("nan"), stopped_early=False, train_seconds=0.0,
+                         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    write_record(folder, record)
+    return record
+
+
+def _target_stats(compute: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset, count: int,
+                  config: ExperimentConfig, folder, key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the distillation targets over ``count`` seeded random images
+    (kept in the stage folder, so a resumed run does not recompute them)."""
+    path = folder / TARGET_STATS
+    if path.is_file() and (saved := load_state(path))["key"] == key:
+        return saved["mean"][None, :, None, None].to(device), saved["std"][None, :, None, None].to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    picks = torch.randperm(len(dataset), generator=generator)[:count].tolist()
+    loader = DataLoader(torch.utils.data.Subset(dataset, picks), batch_size=config.distillation.batch_size,
+                        num_workers=config.features.num_workers)
+    total = squares = None
+    cells = 0
+    for batch in loader:
+        targets = compute(batch["image"]).double()
+        total = targets.sum((0, 2, 3)) if total is None else total + targets.sum((0, 2, 3))
+        squares = targets.pow(2).sum((0, 2, 3)) if squares is None else squares + targets.pow(2).sum((0, 2, 3))
+        cells += targets.shape[0] * targets.shape[2] * targets.shape[3]
+    mean = total / cells
+    std = (squares / cells - mean.pow(2)).clamp_min(1e-12).sqrt()
+    save_state({"key": key, "mean": mean.float().cpu(), "std": std.float().cpu()}, path)
+    return mean.float()[None, :, None, None].to(device), std.float()[None, :, None, None].to(device)
+
+
+def _distill(size: PDNSize, stage: str) -> Callable[..., StageRecord]:
+    def run(config: ExperimentConfig, category: str = SHARED, show_progress: bool = True) -> StageRecord:
+        folder, key = stage_dir(config, SHARED, stage), stage_key(config, stage)
+        if (done := completed_record(folder, key)) is not None:
+            return done
+        d = _distillation(config)
+        if d.teacher_weights is not None:
+            return _use_teacher_file(config, size, stage)
+        device = resolve_device(config.run.device)
+        dataset = ImageDataset(image_samples(image_folder(d.images, "distillation.images", d.pattern), "distill"),
+                               d.backbone_image_size)
+        features = BackboneFeatures(config, device, build_backbone(d.backbone), d.backbone.layers, "patches")
+        image_size = config.efficientad.image_size
+        grid = pdn_output_size(size, image_size, padded=True)
+
+        def targets(images: torch.Tensor) -> torch.Tensor:
+            return distillation_targets(features(images), grid)
+
+        mean, std = _target_stats(targets, dataset, d.normalization_images, config, folder, key, device)
+        torch.manual_seed(config.seed)
+        teacher = PDN(size, padded=True).to(device)
+        batches = _lazy_batches(lambda start: _step_batches(dataset, d.batch_size, config.seed, stage, start, d.steps,
+                                                            config, device))
+
+        def losses(step: int, _generator: torch.Generator) -> dict[str, torch.Tensor]:
+            images = batches(step)
+            target = (targets(images) - mean) / std
+            small = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
+            mse = (teacher(normalize_images(small)).float() - target).pow(2).mean()
+            return {"mse": mse, "total": mse}
+
+        return fit_steps(StepRun(stage, SHARED, folder, key, teacher, list(teacher.parameters()), losses, d.steps,
+                                 d.lr, d.weight_decay, None, d.checkpoint_every, config.seed, device,
+                                 config.run.mixed_precision), show_progress)
+
+    return run
+
+
+def _distill_settings(config: ExperimentConfig) -> dict:
+    d = _distillation(config)
+    if d.teacher_weights is not None:
+        return {"teacher_weights": str(d.teacher_weights), "sha256": sha256_file(d.teacher_weights)
+                if d.teacher_weights.is_file() else None}
+    return d.model_dump(mode="json", exclude={"teacher_weights", "checkpoint_every"}) | {
+        "image_size": config.efficientad.image_size}
+
+
+# --- student + autoencoder -----------------------------------------------------------------
+
+
+def jitter(images: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
+    """EfficientAD's AE-input augmentation: per image one of brightness, contrast or saturation,
+    by a factor drawn from [1 - strength, 1 + strength]."""
+    if strength == 0:
+        return images
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    out = []
+    for image in images:
+        choice = int(torch.randint(len(adjust), (1,), generator=generator))
+        factor = 1 + strength * (2 * float(torch.rand(1, generator=generator)) - 1)
+        out.append(adjust[choice](image, factor))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def teacher_statistics(model: EfficientAD, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the teacher's output over every training image, in one pass."""
+    total = squares = None
+    cells = 0
+    for batch in loader:
+        out = model.teacher_output(batch["image"].to(device), normalized=False).double()
+        total = out.sum((0, 2, 3)) if total is None else total + out.sum((0, 2, 3))
+        squares = out.pow(2).sum((0, 2, 3)) if squares is None else squares + out.pow(2).sum((0, 2, 3))
+        cells += out.shape[0] * out.shape[2] * out.shape[3]
+    mean = total / cells
+    std = (squares / cells - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return mean.float()[None, :, None, None], std.float()[None, :, None, None]
+
+
+@torch.no_grad()
+def map_quantiles(model: EfficientAD, loader: DataLoader, device: torch.device,
+                  quantiles: tuple[float, float]) -> torch.Tensor:
+    """[[q_a, q_b] of the ST map, [q_a, q_b] of the AE map] over the validation images."""
+    st_maps, ae_maps = [], []
+    for batch in loader:
+        st, ae = model.raw_maps(batch["image"].to(device))
+        st_maps.append(st.flatten().cpu())
+        ae_maps.append(ae.flatten().cpu())
+    st, ae = torch.cat(st_maps), torch.cat(ae_maps)
+    return torch.tensor([[quantile(values, q).item() for q in quantiles] for values in (st, ae)])
+
+
+def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., StageRecord]:
+    def run(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
+        folder, key = stage_dir(config, category, model_name), stage_key(config, model_name)
+        if (done := completed_record(folder, key)) is not None:
+            return done
+        teacher_folder = stage_dir(config, SHARED, teacher_stage)
+        if completed_record(teacher_folder, stage_key(config, teacher_stage)) is None:
+            raise CheckpointError(f"{teacher_folder}: no teacher for this config; run "
+                                  f"`effad-hpc train --model {model_name} --stage {teacher_stage}` first")
+        e = config.efficientad
+        device = resolve_device(config.run.device)
+        data = load_category(config, category)
+        splits = {split: ImageDataset(data.samples(split), e.image_size) for split in ("train", "validation")}
+        for split, dataset in splits.items():
+            if len(dataset) == 0:
+                raise DataError(f"{category}: the {split} split is empty; {model_name} needs good {split} images")
+        loaders = {split: DataLoader(dataset, batch_size=config.inference.batch_size,
+                                     num_workers=config.features.num_workers) for split, dataset in splits.items()}
+        torch.manual_seed(config.seed)
+        model: EfficientAD = build_model(model_name, image_size=e.image_size, hard_quantile=e.hard_quantile,
+                                         ae_dropout=e.ae_dropout)
+        model.teacher.load_state_dict(load_state(teacher_folder / BEST_MODEL))
+        model.to(device)
+        penalty = None if e.penalty_images is None else PenaltyImages(e.penalty_images, "efficientad.penalty_images",
+                                                                      e.image_size)
+        batches = _lazy_batches(lambda start: _step_batches(splits["train"], e.batch_size, config.seed, model_name,
+                                                            start, e.steps, config, device))
+
+        def losses(step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+            images = batches(step)
+            penalty_images = None if penalty is None else penalty.batch(generator, len(images)).to(device)
+            return model.losses(images, jitter(images, generator, e.augmentation), penalty_images)
+
+        def validate() -> float:
+            with torch.no_grad():
+                totals = [model.losses(b["image"].to(device), b["image"].to(device))["total"].item() * len(b["image"])
+                          for b in loaders["validation"]]
+            return sum(totals) / len(splits["validation"])
+
+        def prepare() -> None:
+            mean, std = teacher_statistics(model, loaders["train"], device)
+            model.teacher_mean.copy_(mean)
+            model.teacher_std.copy_(std)
+
+        def finish() -> None:
+            model.map_quantiles.copy_(map_quantiles(model, loaders["validation"], device, e.map_quantiles))
+
+        parameters = [*model.student.parameters(), *model.autoencoder.parameters()]
+        return fit_steps(StepRun(model_name, category, folder, key, model, parameters, losses, e.steps, e.lr,
+                                 e.weight_decay, e.lr_drop_at, e.checkpoint_every, config.seed, device,
+                                 config.run.mixed_precision, validate, prepare, finish), show_progress)
+
+    return run
+
+
+def _efficientad_settings(config: ExperimentConfig) -> dict:
+    data = config.data
+    return {"efficientad": config.efficientad.model_dump(mode="json", exclude={"checkpoint_every"}),
+            "data": {"layout": data.layout, "root": str(data.root), "validation_fraction": data.validation_fraction}}
+
+
+def _build(model_name: str):
+    def build(config: ExperimentConfig, _channels: int, _map_size: int, _state: dict) -> torch.nn.Module:
+        e = config.efficientad
+        return build_model(model_name, image_size=e.image_size, hard_quantile=e.hard_quantile, ae_dropout=e.ae_dropout)
+
+    return build
+
+
+def _image_inputs(config: ExperimentConfig) -> ModelInputs:
+    return ModelInputs(config.efficientad.image_size)
+
+
+def _no_store(_config: ExperimentConfig) -> bool:
+    return False
+
+
+for _suffix, _size in SIZES.items():
+    _teacher, _model = f"distill_{_suffix}", f"efficientad_{_suffix}"
+    register_stage(Stage(_teacher, _distill(_size, _teacher), _distill_settings, uses_store=_no_store,
+                         reads_backbone=False, shared=True))
+    register_stage(Stage(_model, _train_efficientad(_model, _teacher), _efficientad_settings, needs=(_teacher,),
+                         uses_store=_no_store, reads_backbone=False))
+    register_recipe(ModelRecipe(_model, (_teacher, _model), _build(_model), _image_inputs))
