@@ -81,17 +81,17 @@ def _models_and_categories(args: argparse.Namespace, config) -> tuple[list[str],
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from effad_hpc.training import stage_dir, train
+    from effad_hpc.training import stage_folder, train
 
     config = _load(args)
     models, categories = _models_and_categories(args, config)
     for category in categories:
         for model in models:
             for record in train(config, model, category, args.stage, show_progress=not args.quiet):
-                state = "stopped early" if record.stopped_early else "all epochs"
-                print(f"{category} {model} {record.stage}: best epoch {record.best_epoch} of {record.final_epoch} "
-                      f"({state}), validation {record.best_validation:.5g}, {record.train_seconds:.1f} s: "
-                      f"{stage_dir(config, category, record.stage)}")
+                state = ", stopped early" if record.stopped_early else ""
+                print(f"{category} {model} {record.stage}: best {record.best_epoch} of {record.final_epoch} "
+                      f"epochs/steps{state}, validation {record.best_validation:.5g}, {record.train_seconds:.1f} s: "
+                      f"{stage_folder(config, category, record.stage)}")
     return 0
 
 
@@ -192,7 +192,12 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     from effad_hpc.features.weights import prefetch
 
     config = _load(args)
-    print(prefetch(create_model(config.backbone), config.backbone))
+    backbones = [config.backbone]
+    if config.distillation is not None and config.distillation.teacher_weights is None:
+        backbones.append(config.distillation.backbone)  # EfficientAD's teacher is distilled from it
+    backbones += [section.backbone for section in (config.patchcore, config.padim, config.spade) if section.backbone]
+    for backbone in {b.model_dump_json(): b for b in backbones}.values():
+        print(prefetch(create_model(backbone), backbone))
     return 0
 
 

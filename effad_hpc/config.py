@@ -172,7 +172,7 @@ class EfficientADConfig(Section):
     augmentation: Annotated[float, Field(ge=0, lt=1)] = 0.2
     """Strength of the brightness / contrast / saturation jitter (one, at random) of the AE input."""
     ae_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
-    map_quantiles: tuple[Fraction, Fraction] = (0.9, 0.995)
+    map_quantiles: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = [0.9, 0.995]
     """Validation quantiles (q_a, q_b) of each map that are mapped to 0 and 0.1."""
     checkpoint_every: PositiveInt = 1_000
     """Steps between resumable checkpoints (and log rows with the validation loss)."""
@@ -180,7 +180,7 @@ class EfficientADConfig(Section):
     @model_validator(mode="after")
     def _ordered_quantiles(self) -> EfficientADConfig:
         if not self.map_quantiles[0] < self.map_quantiles[1]:
-            raise ValueError(f"map_quantiles {list(self.map_quantiles)}: the first must be below the second")
+            raise ValueError(f"map_quantiles {self.map_quantiles}: the first must be below the second")
         return self
 
 
@@ -219,10 +219,15 @@ Layers = Annotated[list[str], Field(min_length=1)]
 class BaselineConfig(Section):
     """Features of a baseline: backbone layers, read from the store or computed on the fly."""
 
+    backbone: BackboneConfig | None = None
+    """Its own backbone (the papers: WideResNet-50); ``null`` uses ``backbone``."""
+    image_size: PositiveInt | None = None
+    """Its own input side (the papers: 256 or 224); ``null`` uses ``data.image_size``."""
     layers: Layers | None = None
-    """Backbone layers (mid-level ones); ``null`` uses ``backbone.layers``."""
+    """Layers of that backbone (mid-level ones); ``null`` uses its ``layers``."""
     feature_source: Literal["stored", "on_the_fly"] = "stored"
-    """``stored`` needs the layers in ``backbone.layers`` (the store holds those)."""
+    """``stored`` reads the feature store, which holds ``backbone.layers`` at ``data.image_size``:
+    only for the main backbone and image size; ``on_the_fly`` runs the backbone on the images."""
     batch_size: PositiveInt = 8
 
 
@@ -308,8 +313,13 @@ class ExperimentConfig(Section):
     def _stored_baseline_layers_are_stored(self) -> ExperimentConfig:
         for name in ("patchcore", "padim", "spade"):
             section: BaselineConfig = getattr(self, name)
+            if section.feature_source != "stored":
+                continue
+            if section.backbone not in (None, self.backbone) or section.image_size not in (None, self.data.image_size):
+                raise ValueError(f"{name}: the feature store holds the features of `backbone` at data.image_size; "
+                                 f"with its own backbone or image_size, set {name}.feature_source: on_the_fly")
             missing = [layer for layer in section.layers or () if layer not in self.backbone.layers]
-            if section.feature_source == "stored" and missing:
+            if missing:
                 raise ValueError(f"{name}.layers {missing} are not in backbone.layers {self.backbone.layers}, the "
                                  f"layers the feature store holds: add them there or set {name}.feature_source: on_the_fly")
         if any(model.startswith("efficientad_") and model != "efficientad_ast" for model in self.models) \

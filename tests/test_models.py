@@ -93,15 +93,16 @@ def test_detector_maps_come_at_image_size_with_max_or_mean_scores():
     model = build_model("efficientad_ast", feature_channels=channels, map_size=4, teacher=TEACHER, hidden_channels=16,
                         residual_blocks=1)
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    out = AnomalyDetector(backbone.extractor, model, ["blocks.2", "blocks.4"], 64, "max")(images)
+    out = AnomalyDetector(model, 64, "max", backbone.extractor, ["blocks.2", "blocks.4"])(images)
     assert set(out["maps"]) == {"combined", "st", "ae", "teacher"}
     assert all(m.shape == (3, 64, 64) for m in out["maps"].values())
     torch.testing.assert_close(out["score"], out["maps"]["combined"].flatten(1).amax(1))
-    mean = AnomalyDetector(backbone.extractor, model, ["blocks.2", "blocks.4"], 64, "mean")(images)
+    mean = AnomalyDetector(model, 64, "mean", backbone.extractor, ["blocks.2", "blocks.4"])(images)
     torch.testing.assert_close(mean["score"], mean["maps"]["combined"].flatten(1).mean(1))
 
 
 def test_registry_builds_by_name_and_names_unknown_models():
-    assert {"ast", "efficientad_ast"} <= set(list_models())
+    assert set(list_models()) == {"ast", "efficientad_ast", "efficientad_s", "efficientad_m", "patchcore", "padim",
+                                  "spade"}
     with pytest.raises(ConfigError, match="'patchcorex' is not known"):
         build_model("patchcorex")

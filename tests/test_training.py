@@ -19,7 +19,6 @@ from effad_hpc.training import load_detector, predict, read_log, read_record, re
 from effad_hpc.training.artifacts import BEST_MODEL, LAST_CHECKPOINT, load_state
 from effad_hpc.training.loop import StageRun, _validate
 from effad_hpc.training.sources import StoredFeatures
-from effad_hpc.models import build_model
 
 from tests.conftest import REPO
 
@@ -78,7 +77,7 @@ def test_early_stopping_keeps_the_best_validation_model(make_config):
     assert min(values) == pytest.approx(record.best_validation) == values[record.best_epoch - 1]
 
     source = StoredFeatures(config, "fabric", torch.device("cpu"))
-    model = build_model("ast", **recipe("ast").kwargs(config, source.channels, source.map_size))
+    model = recipe("ast").build(config, source.channels, source.map_size, {})
     model.load_state_dict(load_state(stage_dir(config, "fabric", "student") / BEST_MODEL))
     rerun = StageRun("student", "fabric", stage_dir(config, "fabric", "student"), record.key, config.student, model,
                      model.losses, source, config.seed)

@@ -1,8 +1,9 @@
 """Stages of the baselines PatchCore, PaDiM and SPADE: one pass over the training features fits
 the model (a memory bank, Gaussians, a gallery), which is saved like a trained model.
 
-Each baseline reads its own ``layers`` (default: ``backbone.layers``) prepared its own way, from
-the feature store or computed on the fly. The stage record's ``best_validation`` is the mean
+Each baseline reads its own ``layers`` prepared its own way: from the feature store (the
+config's backbone at ``data.image_size``), or computed on the fly, also by its own backbone at
+its own image size (the papers' WideResNet-50 at 256 px, while the AST family reads B5 at 768 px). The stage record's ``best_validation`` is the mean
 image score of the validation split (good images), a scale for comparing runs; nothing is
 selected on it.
 """
@@ -44,8 +45,9 @@ def _fit_stage(name: str, preparation: Preparation, fit: Fit) -> Callable[..., S
         if (done := completed_record(folder, key)) is not None:
             return done
         settings: BaselineConfig = getattr(config, name)
+        inputs = _inputs(name, preparation)(config)
         source = open_source(config, category, settings.feature_source, resolve_device(config.run.device),
-                             settings.layers, preparation)
+                             inputs.layers, preparation, inputs.backbone, inputs.image_size)
         if source.size("train") == 0:
             raise DataError(f"{category}: the train split is empty; {name} needs good training images")
         started = time.monotonic()
@@ -94,16 +96,20 @@ def _build_spade(config: ExperimentConfig, _channels: int, _map_size: int, state
 
 def _inputs(name: str, preparation: Preparation) -> Callable[[ExperimentConfig], ModelInputs]:
     def inputs(config: ExperimentConfig) -> ModelInputs:
-        layers = getattr(config, name).layers or config.backbone.layers
-        return ModelInputs(config.data.image_size, config.backbone, tuple(layers), preparation)
+        section: BaselineConfig = getattr(config, name)
+        backbone = section.backbone or config.backbone
+        return ModelInputs(section.image_size or config.data.image_size, backbone,
+                           tuple(section.layers or backbone.layers), preparation)
 
     return inputs
 
 
-def _settings(name: str) -> Callable[[ExperimentConfig], dict]:
+def _settings(name: str, preparation: Preparation) -> Callable[[ExperimentConfig], dict]:
     def settings(config: ExperimentConfig) -> dict:
+        inputs = _inputs(name, preparation)(config)
         values = getattr(config, name).model_dump(mode="json", exclude={"feature_source", "batch_size"})
-        return values | {"layers": values["layers"] or config.backbone.layers}
+        return values | {"backbone": inputs.backbone.model_dump(mode="json"), "image_size": inputs.image_size,
+                         "layers": list(inputs.layers)}
 
     return settings
 
@@ -111,6 +117,6 @@ def _settings(name: str) -> Callable[[ExperimentConfig], dict]:
 for _name, _preparation, _fit, _build in (("patchcore", "patches", _fit_patchcore, _build_patchcore),
                                           ("padim", "finest", _fit_padim, _build_padim),
                                           ("spade", "finest", _fit_spade, _build_spade)):
-    register_stage(Stage(_name, _fit_stage(_name, _preparation, _fit), _settings(_name),
+    register_stage(Stage(_name, _fit_stage(_name, _preparation, _fit), _settings(_name, _preparation),
                          uses_store=lambda config, name=_name: getattr(config, name).feature_source == "stored"))
     register_recipe(ModelRecipe(_name, (_name,), _build, _inputs(_name, _preparation)))

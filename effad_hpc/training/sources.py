@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from effad_hpc.config import ExperimentConfig
+from effad_hpc.config import BackboneConfig, ExperimentConfig
 from effad_hpc.data import ImageDataset, load_category
 from effad_hpc.data.images import IMAGE_SUFFIXES
 from effad_hpc.data.mvtec import Sample
@@ -96,13 +96,18 @@ class BackboneFeatures:
 
 
 class ComputedFeatures(FeatureSource):
+    """Features computed by the frozen backbone on every batch; by default the config's backbone at
+    ``data.image_size``, or another ``backbone`` config at ``image_size`` (a baseline's own)."""
+
     def __init__(self, config: ExperimentConfig, category: str, device: torch.device,
-                 layers: Sequence[str] | None = None, preparation: Preparation = "coarsest"):
-        super().__init__(config, device, layers, preparation)
+                 layers: Sequence[str] | None = None, preparation: Preparation = "coarsest",
+                 backbone: BackboneConfig | None = None, image_size: int | None = None):
+        super().__init__(config, device, layers or (backbone.layers if backbone else None), preparation)
         data = load_category(config, category)
-        size = config.data.image_size
+        size = image_size or config.data.image_size
         self.splits = {split: ImageDataset(data.samples(split), size) for split in ("train", "validation")}
-        self.compute = BackboneFeatures(config, device, layers=self.layers, preparation=preparation)
+        self.compute = BackboneFeatures(config, device, build_backbone(backbone) if backbone else None,
+                                        layers=self.layers, preparation=preparation)
         self._set_shape({layer.name: (layer.channels, layer.map_size(size)) for layer in self.compute.backbone.layers})
 
     def size(self, split: str) -> int:
@@ -114,9 +119,12 @@ class ComputedFeatures(FeatureSource):
 
 
 def open_source(config: ExperimentConfig, category: str, kind: str, device: torch.device,
-                layers: Sequence[str] | None = None, preparation: Preparation = "coarsest") -> FeatureSource:
-    source = StoredFeatures if kind == "stored" else ComputedFeatures
-    return source(config, category, device, layers, preparation)
+                layers: Sequence[str] | None = None, preparation: Preparation = "coarsest",
+                backbone: BackboneConfig | None = None, image_size: int | None = None) -> FeatureSource:
+    """The stored features (the config's backbone at ``data.image_size``) or computed ones."""
+    if kind == "stored":
+        return StoredFeatures(config, category, device, layers, preparation)
+    return ComputedFeatures(config, category, device, layers, preparation, backbone, image_size)
 
 
 def image_folder(folder: Path, key: str, pattern: str = "**/*") -> list[Path]:
