@@ -85,7 +85,7 @@ def test_spade_compares_pixels_with_the_nearest_training_images():
 
 BASELINES = {
     "patchcore": {"patchcore.coreset_ratio": 0.25},  # stored features (the default source)
-    "padim": {"padim.dims": 60, "padim.feature_source": "on_the_fly"},
+    "padim": {"padim.dims": 60, "padim.feature_source": "on_the_fly", "padim.layers": ["blocks.1", "blocks.3"]},
     "spade": {"spade.image_neighbors": 5, "spade.feature_source": "on_the_fly"},
 }
 

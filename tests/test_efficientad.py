@@ -18,7 +18,7 @@ from effad_hpc.hpc.graph import Node, category_graph, run_graph
 from effad_hpc.models import PDN, build_model, hard_mse
 from effad_hpc.models.autoencoder import ImageAutoencoder
 from effad_hpc.models.losses import quantile
-from effad_hpc.training import read_record, stage_dir, train
+from effad_hpc.training import read_log, read_record, stage_dir, train
 from effad_hpc.training.artifacts import BEST_MODEL, SHARED
 from effad_hpc.training.efficientad_stages import jitter, map_quantiles, teacher_statistics
 from effad_hpc.training.steps import StepRun, fit_steps
@@ -182,5 +182,19 @@ def test_efficientad_s_distills_trains_and_separates_defects(efficientad_config)
     records = train(config, "efficientad_s", "fabric", show_progress=False)
     assert [r.stage for r in records] == ["distill_s", "efficientad_s"]
     assert records[1].final_epoch == 150
+    log = read_log(stage_dir(config, "fabric", "efficientad_s"))
+    assert [int(row["step"]) for row in log] == [50, 100, 150]
+    # lr x0.1 after 95 % of the steps: the learning rate logged after step 150 is the dropped one
+    assert [float(row["lr"]) for row in log] == pytest.approx([1e-4, 1e-4, 1e-5])
     metrics = evaluate_category(config, "efficientad_s", "fabric", show_progress=False)["metrics"]
     assert metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.9, metrics
+
+
+def test_penalty_images_add_the_penalty_loss(efficientad_config, synthetic_ad):
+    config = efficientad_config({"efficientad": {"image_size": 64, "steps": 2, "checkpoint_every": 2,
+                                                 "penalty_images": str(synthetic_ad / "washer" / "train")}})
+    train(config, "efficientad_s", "fabric", show_progress=False)
+    (row,) = read_log(stage_dir(config, "fabric", "efficientad_s"))
+    assert float(row["train_penalty"]) > 0
+    assert float(row["train_total"]) == pytest.approx(sum(float(row[f"train_{part}"])
+                                                          for part in ("st", "ae", "stae", "penalty")), rel=1e-5)

@@ -113,6 +113,29 @@ def test_pipeline_on_slurm_cancel_and_rerun_only_what_is_missing(slurm_cluster, 
 
 
 @pytest.mark.slurm
+def test_shared_distillation_is_one_slurm_job_that_every_category_waits_for(slurm_cluster, synthetic_ad, tmp_path):
+    path = _write_config(tmp_path, synthetic_ad, "shared_run", models=["efficientad_s", "patchcore"],
+                         efficientad={"image_size": 64, "steps": 4, "checkpoint_every": 2},
+                         distillation={"images": str(synthetic_ad), "pattern": "*/train/good/*", "steps": 2,
+                                       "batch_size": 2, "normalization_images": 4, "backbone_image_size": 128,
+                                       "backbone": {"name": "tf_efficientnet_lite0", "layers": ["blocks.2"]}})
+    config = load_config(path)
+    submitted = _run("-m", "effad_hpc", "run", "--config", path, "--executor", "slurm", "--profile",
+                     "slurm/profiles/local.yaml", "--no-wait")
+    assert submitted.returncode == 0, submitted.stderr
+    jobs = {job["nodes"][0]: job["job_id"] for job in read_submissions(config.run.out_dir)[0]["jobs"]}
+    assert [node for node in jobs if "distill" in node] == ["_shared/distill_s"]
+    waits = subprocess.run(["squeue", "-h", "-j", jobs["fabric/efficientad_s"].split("_")[0], "-o", "%E"],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"afterok:{jobs['_shared/distill_s']}" in waits  # still waiting: distillation takes a while
+    states = _wait_until_idle(config)
+    assert set(states.values()) == {"DONE"} and ("_shared", "distill_s") in states and len(states) == 11
+    for model in ("efficientad_s", "patchcore"):
+        for category in ("fabric", "washer"):
+            assert (config.run.out_dir / model / "results" / category / "metrics.json").is_file()
+
+
+@pytest.mark.slurm
 def test_requeued_stage_resumes_from_its_checkpoint(slurm_cluster, synthetic_ad, tmp_path):
     path = _write_config(tmp_path, synthetic_ad, "requeue", categories=("fabric",))
     config = load_config(path, ["student.epochs=40", "student.hidden_channels=64", "student.residual_blocks=2",

@@ -31,21 +31,27 @@ class StageJob(Checkpointable):
 class ChainJob(Checkpointable):
     """The listed nodes in order, for executors without dependencies between jobs (local, debug).
 
-    A node that fails stops only the rest of its own category; the job fails at the end if any
-    did. Complete nodes are skipped, so a requeue continues where the job was."""
+    A node that fails blocks only the nodes that depend on it (``upstream``: each node's direct
+    dependencies); the others still run, and the job fails at the end if any node did. Complete
+    nodes are skipped, so a requeue continues where the job was."""
 
-    def __call__(self, raw_config: dict, nodes: list[Node], threads: int | None = None) -> list[str]:
+    def __call__(self, raw_config: dict, nodes: list[Node], threads: int | None = None,
+                 upstream: dict[Node, tuple[Node, ...]] | None = None) -> list[str]:
         if threads:
             torch.set_num_threads(threads)
         config = parse_config(raw_config, "config of a chain job")
-        done, failed = [], {}
+        upstream = upstream or {}
+        done, failed, blocked = [], {}, set()
         for node in nodes:
-            if node.category in failed or is_complete(config, node):
+            if any(up in failed or up in blocked for up in upstream.get(node, ())):
+                blocked.add(node)
+                continue
+            if is_complete(config, node):
                 continue
             try:
                 done.append(run_node(config, node))
-            except Exception:  # the other categories of this job still run
-                failed[node.category] = f"{node.category}/{node.name}:\n{traceback.format_exc()}"
+            except Exception:  # the nodes that do not depend on it still run
+                failed[node] = f"{node.category}/{node.name}:\n{traceback.format_exc()}"
         if failed:
             raise RuntimeError("failed stages:\n" + "\n".join(failed.values()))
         return done

@@ -105,7 +105,8 @@ def run_states(config: ExperimentConfig, models: list[str] | None = None) -> lis
             for nid in job["nodes"]:
                 latest[nid] = (submission, job)
     slurm = _sacct([job["job_id"] for sub, job in latest.values() if sub["executor"] == "slurm"])
-    nodes = list(run_graph(config, categories_of(config), models or list(config.models)))
+    graph = run_graph(config, categories_of(config), models or list(config.models))
+    nodes = list(graph)
     done = {node_id(node) for node in nodes if is_complete(config, node)}
     running: dict[str, bool] = {}  # local job id -> still running, asked once per job
     states: list[NodeState] = []
@@ -123,16 +124,16 @@ def run_states(config: ExperimentConfig, models: list[str] | None = None) -> lis
                 state = FAILED
             states.append(NodeState(node, state, job_id, elapsed, log))
             continue
-        # A chain job runs its nodes in order: the first incomplete one is the one running (or
-        # the one that failed, per category); the others wait (or are blocked).
+        # A chain job runs its nodes in order: while it runs, its first incomplete node is the
+        # one running and the others wait. Once it ended, an incomplete node whose inputs are all
+        # complete failed; one with an incomplete input was blocked by that failure.
         if job_id not in running:  # debug jobs ran inside the submitting process
             running[job_id] = submission["executor"] == "local" and _local_running(job["log_folder"], job_id)
-        waiting = [other for other in job["nodes"] if other not in done]
         if running[job_id]:
+            waiting = [other for other in job["nodes"] if other not in done]
             state = RUNNING if waiting[0] == nid else PENDING
         else:
-            first_of_category = next(other for other in waiting if other.split("/")[0] == node.category)
-            state = FAILED if first_of_category == nid else BLOCKED
+            state = BLOCKED if any(node_id(up) not in done for up in graph[node]) else FAILED
         states.append(NodeState(node, state, job_id, "", log))
     return states
 

@@ -134,7 +134,8 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
         workers = len(pending) if executor == "debug" else max(1, min(len(pending), len(os.sched_getaffinity(0)) // cpus))
         for worker in range(workers):
             nodes = list(dict.fromkeys(node for _, todo in pending[worker::workers] for node in todo))
-            job = _executor(executor, logs, profile, "chain", []).submit(ChainJob(), raw, nodes, cpus)
+            upstream = {node: ups for graph, _ in pending for node, ups in graph.items() if node in nodes}
+            job = _executor(executor, logs, profile, "chain", []).submit(ChainJob(), raw, nodes, cpus, upstream)
             submission.handles.append(job)
             submission.jobs.append(SubmittedJob(str(job.job_id), [node_id(n) for n in nodes], str(logs)))
     record_submission(out, submission)

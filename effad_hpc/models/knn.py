@@ -23,7 +23,12 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, qu
     """``(distances, indices)``, each (Q, k), of the k nearest bank rows of every query, nearest first."""
     if bank.shape[0] < k:
         raise ValueError(f"{k} neighbours were asked for from a bank of {bank.shape[0]} vectors")
-    queries, bank = queries.float(), bank.float()
+    with torch.autocast(queries.device.type, enabled=False):  # distances by expansion need float32
+        return _search(queries.float(), bank.float(), k, query_chunk, bank_chunk)
+
+
+def _search(queries: torch.Tensor, bank: torch.Tensor, k: int, query_chunk: int,
+            bank_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     out_distances = torch.empty(queries.shape[0], k, device=queries.device)
     out_indices = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
     for q_lo in range(0, queries.shape[0], query_chunk):

@@ -59,7 +59,8 @@ class PaDiM(nn.Module):
 
     def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         delta = self._positions(features) - self.mean
-        squared = torch.einsum("bpi,pij,bpj->bp", delta, self.precision, delta).clamp_min(0)
+        with torch.autocast(features.device.type, enabled=False):  # a quadratic form: float32 throughout
+            squared = torch.einsum("bpi,pij,bpj->bp", delta, self.precision, delta).clamp_min(0)
         return {"combined": squared.sqrt().reshape(len(features), *features.shape[-2:])}
 
 

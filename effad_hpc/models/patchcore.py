@@ -51,7 +51,7 @@ class PatchCore(nn.Module):
         """s = (1 - softmax(distances of the worst patch to N_b(m*)) at m*) * s*, where m* is the
         worst patch's nearest bank vector and N_b(m*) its ``num_neighbors`` nearest bank vectors (m* first)."""
         worst_score, worst = maps["combined"].flatten(1).max(dim=1)
-        queries = features.float().flatten(2)[torch.arange(len(features)), :, worst]  # (B, C)
+        queries = features.float().flatten(2)[torch.arange(len(features), device=worst.device), :, worst]  # (B, C)
         _, nearest = nearest_neighbours(queries, self.bank, 1)
         _, support = nearest_neighbours(self.bank[nearest[:, 0]], self.bank, self.num_neighbors)
         distances = (queries[:, None] - self.bank[support]).norm(dim=-1)  # (B, num_neighbors)

@@ -46,12 +46,13 @@ def _fit_stage(name: str, preparation: Preparation, fit: Fit) -> Callable[..., S
             return done
         settings: BaselineConfig = getattr(config, name)
         inputs = _inputs(name, preparation)(config)
-        source = open_source(config, category, settings.feature_source, resolve_device(config.run.device),
-                             inputs.layers, preparation, inputs.backbone, inputs.image_size)
+        device = resolve_device(config.run.device)
+        source = open_source(config, category, settings.feature_source, device, inputs.layers, preparation,
+                             inputs.backbone, inputs.image_size)
         if source.size("train") == 0:
             raise DataError(f"{category}: the train split is empty; {name} needs good training images")
         started = time.monotonic()
-        model = fit(config, source.batches("train", range(source.size("train")), settings.batch_size)).eval()
+        model = fit(config, source.batches("train", range(source.size("train")), settings.batch_size)).to(device).eval()
         seconds = time.monotonic() - started
         save_state({k: v.cpu() for k, v in model.state_dict().items()}, folder / BEST_MODEL)
         record = StageRecord(stage=name, category=category, key=key, best_epoch=1, final_epoch=1,
@@ -98,8 +99,10 @@ def _inputs(name: str, preparation: Preparation) -> Callable[[ExperimentConfig],
     def inputs(config: ExperimentConfig) -> ModelInputs:
         section: BaselineConfig = getattr(config, name)
         backbone = section.backbone or config.backbone
-        return ModelInputs(section.image_size or config.data.image_size, backbone,
-                           tuple(section.layers or backbone.layers), preparation)
+        layers = list(section.layers or backbone.layers)
+        # the extractor runs the backbone up to the deepest of exactly these layers
+        return ModelInputs(section.image_size or config.data.image_size, backbone.model_copy(update={"layers": layers}),
+                           tuple(layers), preparation)
 
     return inputs
 

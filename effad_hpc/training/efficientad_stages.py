@@ -10,7 +10,7 @@ teacher's channels over the category's training images, train student and autoen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 
 import torch
@@ -73,6 +73,25 @@ def _lazy_batches(make: Callable[[int], Iterator[torch.Tensor]]) -> Callable[[in
     return batch
 
 
+@torch.no_grad()
+def channel_statistics(maps: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std, each (1, C, 1, 1), of (B, C, h, w) maps over every batch and
+    position: one streaming pass with float64 sums, so memory does not grow with the data."""
+    total = squares = None
+    cells = 0
+    for batch in maps:
+        batch = batch.double()
+        sums, sums_of_squares = batch.sum((0, 2, 3)), batch.pow(2).sum((0, 2, 3))
+        total = sums if total is None else total + sums
+        squares = sums_of_squares if squares is None else squares + sums_of_squares
+        cells += batch.shape[0] * batch.shape[2] * batch.shape[3]
+    if total is None:
+        raise DataError("no images to compute channel statistics on")
+    mean = total / cells
+    std = (squares / cells - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return mean.float()[None, :, None, None], std.float()[None, :, None, None]
+
+
 # --- teacher distillation ------------------------------------------------------------------
 
 
@@ -105,17 +124,9 @@ def _target_stats(compute: Callable[[torch.Tensor], torch.Tensor], dataset: Imag
     picks = torch.randperm(len(dataset), generator=generator)[:count].tolist()
     loader = DataLoader(torch.utils.data.Subset(dataset, picks), batch_size=config.distillation.batch_size,
                         num_workers=config.features.num_workers)
-    total = squares = None
-    cells = 0
-    for batch in loader:
-        targets = compute(batch["image"]).double()
-        total = targets.sum((0, 2, 3)) if total is None else total + targets.sum((0, 2, 3))
-        squares = targets.pow(2).sum((0, 2, 3)) if squares is None else squares + targets.pow(2).sum((0, 2, 3))
-        cells += targets.shape[0] * targets.shape[2] * targets.shape[3]
-    mean = total / cells
-    std = (squares / cells - mean.pow(2)).clamp_min(1e-12).sqrt()
-    save_state({"key": key, "mean": mean.float().cpu(), "std": std.float().cpu()}, path)
-    return mean.float()[None, :, None, None].to(device), std.float()[None, :, None, None].to(device)
+    mean, std = channel_statistics(compute(batch["image"]) for batch in loader)
+    save_state({"key": key, "mean": mean.flatten().cpu(), "std": std.flatten().cpu()}, path)
+    return mean.to(device), std.to(device)
 
 
 def _distill(size: PDNSize, stage: str) -> Callable[..., StageRecord]:
@@ -185,16 +196,7 @@ def jitter(images: torch.Tensor, generator: torch.Generator, strength: float) ->
 @torch.no_grad()
 def teacher_statistics(model: EfficientAD, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the teacher's output over every training image, in one pass."""
-    total = squares = None
-    cells = 0
-    for batch in loader:
-        out = model.teacher_output(batch["image"].to(device), normalized=False).double()
-        total = out.sum((0, 2, 3)) if total is None else total + out.sum((0, 2, 3))
-        squares = out.pow(2).sum((0, 2, 3)) if squares is None else squares + out.pow(2).sum((0, 2, 3))
-        cells += out.shape[0] * out.shape[2] * out.shape[3]
-    mean = total / cells
-    std = (squares / cells - mean.pow(2)).clamp_min(1e-12).sqrt()
-    return mean.float()[None, :, None, None], std.float()[None, :, None, None]
+    return channel_statistics(model.teacher_output(batch["image"].to(device), normalized=False) for batch in loader)
 
 
 @torch.no_grad()

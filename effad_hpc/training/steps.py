@@ -3,7 +3,7 @@
 EfficientAD trains for a number of optimizer steps (70,000 at batch 1 in the paper), not
 epochs. Every ``checkpoint_every`` steps the loop writes a log row (mean training losses since
 the last row, the validation loss when the stage has one, the learning rate) and the full
-training state atomically; a rerun or a requeued job resumes there and ends exactly as an
+training state atomically (the log's ``lr`` is the rate of the row's last step); a rerun or a requeued job resumes there and ends exactly as an
 uninterrupted run would: step ``i`` draws its images and augmentations from a generator
 seeded by (seed, stage, i), and the global RNG (dropout) is restored from the checkpoint. The
 model of the last step is the result (the paper selects nothing; neither do we, and never on
@@ -119,6 +119,7 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
             scaler.scale(losses["total"]).backward()
             scaler.step(optimizer)
             scaler.update()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             scheduler.step()
             step += 1
             for name, value in losses.items():
@@ -126,7 +127,7 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
             progress.advance(task)
             if step % run.checkpoint_every == 0 or step == run.steps:
                 steps_in_row = step - (history[-1]["step"] if history else 0)
-                row = {"step": step, "lr": optimizer.param_groups[0]["lr"]}
+                row = {"step": step, "lr": lr}
                 row |= {f"train_{name}": value / steps_in_row for name, value in sums.items()}
                 if run.validate is not None:
                     run.model.eval()
