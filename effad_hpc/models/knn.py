@@ -13,9 +13,10 @@ QUERY_CHUNK = 4096
 BANK_CHUNK = 16_384
 
 
-def _squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> torch.Tensor:
-    distances = queries.pow(2).sum(1, keepdim=True) - 2 * queries @ bank.T + bank_norms[None]
-    return distances.clamp_min_(0)
+def _squared_distances(queries: torch.Tensor, query_norms: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """||q||^2 - 2 q.b + ||b||^2 in one (queries x bank) buffer, updated in place."""
+    distances = torch.addmm(bank.pow(2).sum(1)[None], queries, bank.T, alpha=-2)
+    return distances.add_(query_norms[:, None]).clamp_min_(0)
 
 
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = QUERY_CHUNK,
@@ -33,11 +34,12 @@ def _search(queries: torch.Tensor, bank: torch.Tensor, k: int, query_chunk: int,
     out_indices = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
     for q_lo in range(0, queries.shape[0], query_chunk):
         block = queries[q_lo:q_lo + query_chunk]
+        block_norms = block.pow(2).sum(1)
         best = torch.full((block.shape[0], k), torch.inf, device=queries.device)
         best_index = torch.zeros(block.shape[0], k, dtype=torch.long, device=queries.device)
         for b_lo in range(0, bank.shape[0], bank_chunk):
             part = bank[b_lo:b_lo + bank_chunk]
-            distances = _squared_distances(block, part, part.pow(2).sum(1))
+            distances = _squared_distances(block, block_norms, part)
             top = distances.topk(min(k, part.shape[0]), dim=1, largest=False)
             merged = torch.cat([best, top.values], dim=1)
             merged_index = torch.cat([best_index, top.indices + b_lo], dim=1)
