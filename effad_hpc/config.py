@@ -229,6 +229,8 @@ class BaselineConfig(Section):
     """``stored`` reads the feature store, which holds ``backbone.layers`` at ``data.image_size``:
     only for the main backbone and image size; ``on_the_fly`` runs the backbone on the images."""
     batch_size: PositiveInt = 8
+    smoothing_sigma: Annotated[float, Field(ge=0)] = 4.0
+    """Gaussian smoothing of the upsampled map, in pixels of the model's input (the papers: 4; 0: none)."""
 
 
 class PatchCoreConfig(BaselineConfig):

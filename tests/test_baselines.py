@@ -111,3 +111,23 @@ def test_stored_baseline_layers_must_be_in_the_store(synthetic_fabric, tmp_path)
     with pytest.raises(ConfigError, match="padim.feature_source: on_the_fly"):
         tiny_config(synthetic_fabric, tmp_path, {"padim.image_size": 256})
     tiny_config(synthetic_fabric, tmp_path, {"padim.image_size": 256, "padim.feature_source": "on_the_fly"})
+
+
+def test_baseline_maps_are_smoothed_at_image_size_with_the_papers_sigma():
+    from scipy import ndimage
+
+    from effad_hpc.models import AnomalyDetector, resize_maps
+
+    generator = torch.Generator().manual_seed(4)
+    model = PaDiM.fit([torch.randn(4, 8, 8, 8, generator=generator)], dims=8)
+    assert model.smoothing_sigma == 4.0  # the paper's
+    features = torch.randn(2, 8, 8, 8, generator=generator)
+    detector = AnomalyDetector(model, image_size=64)
+    grid = model.maps(features)
+    plain = resize_maps(grid, (128, 128))["combined"]
+    smoothed = detector.to_size(grid, (128, 128))["combined"]  # 128 px output: sigma 4 * 128 / 64 = 8 px
+    expected = np.stack([ndimage.gaussian_filter(m.numpy().astype(np.float64), 8.0, mode="mirror", truncate=4.0)
+                         for m in plain])
+    assert np.allclose(smoothed.numpy(), expected, atol=1e-4)
+    model.smoothing_sigma = 0.0
+    assert torch.equal(detector.to_size(grid, (128, 128))["combined"], plain)

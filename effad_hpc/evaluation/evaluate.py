@@ -60,7 +60,7 @@ from effad_hpc.evaluation.metrics import (
     pro_regions,
     spro_regions,
 )
-from effad_hpc.models import AnomalyDetector, image_scores, resize_maps
+from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import load_detector, read_log, read_record, recipe, stage_folder, stage_key
 from effad_hpc.utils.atomic import atomic_write_json
 from effad_hpc.utils.device import autocast, resolve_device
@@ -123,7 +123,7 @@ def _full_size_maps(detector: AnomalyDetector, samples: Sequence[Sample], config
             grid, model_scores = detector.grid_output(batch["image"].to(device, non_blocking=True))
         for row, index in enumerate(batch["index"].tolist()):
             width, height = image_size(samples[index].path)
-            combined = resize_maps({"combined": grid["combined"][row:row + 1]}, (height, width))["combined"]
+            combined = detector.to_size({"combined": grid["combined"][row:row + 1]}, (height, width))["combined"]
             teacher = grid["teacher"][row].float().cpu().numpy() if "teacher" in grid else None
             score = model_scores[row] if model_scores is not None else image_scores(combined, detector.score)[0]
             yield index, combined[0].cpu().numpy(), float(score), teacher

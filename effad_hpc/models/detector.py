@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from effad_hpc.features.backbones import FeatureExtractor
 from effad_hpc.models.feature_maps import PREPARATIONS, Preparation
@@ -15,10 +17,16 @@ from effad_hpc.models.feature_maps import PREPARATIONS, Preparation
 ImageScore = Literal["max", "mean"]
 
 
-def resize_maps(maps: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """(B, h, w) maps -> (B, *size), bilinear, without padding."""
-    return {name: F.interpolate(m.float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            for name, m in maps.items()}
+def resize_maps(maps: dict[str, torch.Tensor], size: tuple[int, int], sigma: float = 0.0) -> dict[str, torch.Tensor]:
+    """(B, h, w) maps -> (B, *size), bilinear, without padding; then, with ``sigma`` > 0, smoothed
+    by a Gaussian of that standard deviation in output pixels (PatchCore, PaDiM and SPADE: 4 px at
+    their input size)."""
+    resized = {name: F.interpolate(m.float()[:, None], size=size, mode="bilinear", align_corners=False)
+               for name, m in maps.items()}
+    if sigma > 0:
+        kernel = 2 * math.ceil(4 * sigma) + 1
+        resized = {name: TF.gaussian_blur(m, [kernel, kernel], [sigma, sigma]) for name, m in resized.items()}
+    return {name: m[:, 0] for name, m in resized.items()}
 
 
 def image_scores(combined: torch.Tensor, how: ImageScore = "max") -> torch.Tensor:
@@ -31,9 +39,10 @@ class AnomalyDetector(nn.Module):
 
     The model reads the images themselves (``extractor=None``, EfficientAD) or the backbone's
     ``layers`` prepared as ``preparation`` names. Each map of the model (``combined`` plus its
-    parts) is resized bilinearly to ``size`` (default: the square input size); the image score
-    is the model's own (``model.image_scores``, e.g. PatchCore's reweighting) where it has one,
-    else the max (or mean) of the resized combined map.
+    parts) is resized bilinearly to ``size`` (default: the square input size) and smoothed when
+    the model asks for it (``model.smoothing_sigma``, in pixels of its input); the image score is
+    the model's own (``model.image_scores``, e.g. PatchCore's reweighting) where it has one, else
+    the max (or mean) of the resized combined map.
     """
 
     def __init__(self, model: nn.Module, image_size: int, score: ImageScore = "max",
@@ -62,8 +71,13 @@ class AnomalyDetector(nn.Module):
     def grid_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.grid_output(images)[0]
 
+    def to_size(self, grid: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Grid maps at ``size``, smoothed as the model asks (its sigma scaled from its input size)."""
+        sigma = getattr(self.model, "smoothing_sigma", 0.0) * size[0] / self.image_size
+        return resize_maps(grid, size, sigma)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> dict:
         grid, scores = self.grid_output(images)
-        maps = resize_maps(grid, size or (self.image_size, self.image_size))
+        maps = self.to_size(grid, size or (self.image_size, self.image_size))
         return {"maps": maps, "score": scores if scores is not None else image_scores(maps["combined"], self.score)}

@@ -18,8 +18,10 @@ from effad_hpc.models.registry import register_model
 
 
 class PaDiM(nn.Module):
-    def __init__(self, in_channels: int, map_size: tuple[int, int], dims: int = 100, seed: int = 0):
+    def __init__(self, in_channels: int, map_size: tuple[int, int], dims: int = 100, seed: int = 0,
+                 smoothing_sigma: float = 4.0):
         super().__init__()
+        self.smoothing_sigma = smoothing_sigma  # of the map upsampled to the image, in its pixels
         dims = min(dims, in_channels)
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("channel_index", torch.randperm(in_channels, generator=generator)[:dims].sort().values)
@@ -65,5 +67,6 @@ class PaDiM(nn.Module):
 
 
 @register_model("padim")
-def padim(in_channels: int, map_size: tuple[int, int], dims: int = 100, seed: int = 0) -> PaDiM:
-    return PaDiM(in_channels, map_size, dims, seed)
+def padim(in_channels: int, map_size: tuple[int, int], dims: int = 100, seed: int = 0,
+          smoothing_sigma: float = 4.0) -> PaDiM:
+    return PaDiM(in_channels, map_size, dims, seed, smoothing_sigma)

@@ -26,9 +26,10 @@ def _flat(features: torch.Tensor) -> torch.Tensor:
 
 
 class PatchCore(nn.Module):
-    def __init__(self, channels: int, bank_size: int, num_neighbors: int = 9):
+    def __init__(self, channels: int, bank_size: int, num_neighbors: int = 9, smoothing_sigma: float = 4.0):
         super().__init__()
         self.num_neighbors = num_neighbors
+        self.smoothing_sigma = smoothing_sigma  # of the map upsampled to the image, in its pixels
         self.register_buffer("bank", torch.zeros(bank_size, channels))
 
     @classmethod
@@ -60,5 +61,5 @@ class PatchCore(nn.Module):
 
 
 @register_model("patchcore")
-def patchcore(channels: int, bank_size: int, num_neighbors: int = 9) -> PatchCore:
-    return PatchCore(channels, bank_size, num_neighbors)
+def patchcore(channels: int, bank_size: int, num_neighbors: int = 9, smoothing_sigma: float = 4.0) -> PatchCore:
+    return PatchCore(channels, bank_size, num_neighbors, smoothing_sigma)

@@ -20,8 +20,9 @@ from effad_hpc.models.registry import register_model
 
 class SPADE(nn.Module):
     def __init__(self, gallery_size: int, channels: int, map_size: tuple[int, int], image_neighbors: int = 50,
-                 pixel_neighbors: int = 1):
+                 pixel_neighbors: int = 1, smoothing_sigma: float = 4.0):
         super().__init__()
+        self.smoothing_sigma = smoothing_sigma  # of the map upsampled to the image, in its pixels
         self.image_neighbors = min(image_neighbors, gallery_size)
         self.pixel_neighbors = pixel_neighbors
         self.register_buffer("gallery", torch.zeros(gallery_size, channels, *map_size))
@@ -54,5 +55,5 @@ class SPADE(nn.Module):
 
 @register_model("spade")
 def spade(gallery_size: int, channels: int, map_size: tuple[int, int], image_neighbors: int = 50,
-          pixel_neighbors: int = 1) -> SPADE:
-    return SPADE(gallery_size, channels, map_size, image_neighbors, pixel_neighbors)
+          pixel_neighbors: int = 1, smoothing_sigma: float = 4.0) -> SPADE:
+    return SPADE(gallery_size, channels, map_size, image_neighbors, pixel_neighbors, smoothing_sigma)

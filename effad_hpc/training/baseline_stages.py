@@ -80,19 +80,20 @@ def _fit_spade(config: ExperimentConfig, batches: Iterable[torch.Tensor]) -> nn.
 
 def _build_patchcore(config: ExperimentConfig, channels: int, _map_size: int, state: dict) -> nn.Module:
     return build_model("patchcore", channels=channels, bank_size=state["bank"].shape[0],
-                       num_neighbors=min(config.patchcore.num_neighbors, state["bank"].shape[0]))
+                       num_neighbors=min(config.patchcore.num_neighbors, state["bank"].shape[0]),
+                       smoothing_sigma=config.patchcore.smoothing_sigma)
 
 
 def _build_padim(config: ExperimentConfig, channels: int, map_size: int, state: dict) -> nn.Module:
     return build_model("padim", in_channels=channels, map_size=(map_size, map_size),
-                       dims=state["channel_index"].numel(), seed=config.seed)
+                       dims=state["channel_index"].numel(), seed=config.seed, smoothing_sigma=config.padim.smoothing_sigma)
 
 
 def _build_spade(config: ExperimentConfig, _channels: int, _map_size: int, state: dict) -> nn.Module:
     gallery = state["gallery"]
     return build_model("spade", gallery_size=gallery.shape[0], channels=gallery.shape[1],
                        map_size=tuple(gallery.shape[-2:]), image_neighbors=config.spade.image_neighbors,
-                       pixel_neighbors=config.spade.pixel_neighbors)
+                       pixel_neighbors=config.spade.pixel_neighbors, smoothing_sigma=config.spade.smoothing_sigma)
 
 
 def _inputs(name: str, preparation: Preparation) -> Callable[[ExperimentConfig], ModelInputs]:
