@@ -156,6 +156,11 @@ def test_user_teacher_file_replaces_distillation(efficientad_config, tmp_path):
                                 "run.out_dir": str(tmp_path / "other")})
     with pytest.raises(CheckpointError, match="teacher_m.pth: not a PDN-S teacher state dict"):
         train(wrong, "efficientad_s", "fabric", stages=["distill_s"], show_progress=False)
+    torch.save(PDN("small"), tmp_path / "pickled.pth")  # a whole module, as some repositories ship them
+    pickled = efficientad_config({"distillation": {"teacher_weights": str(tmp_path / "pickled.pth")},
+                                  "run.out_dir": str(tmp_path / "third")})
+    with pytest.raises(CheckpointError, match="pickled.pth is not a state dict that loads with weights_only"):
+        train(pickled, "efficientad_s", "fabric", stages=["distill_s"], show_progress=False)
 
 
 def test_concurrent_jobs_distill_the_shared_teacher_once(efficientad_config, tmp_path):

@@ -99,7 +99,14 @@ def _use_teacher_file(config: ExperimentConfig, size: PDNSize, stage: str) -> St
     """Check a user's PDN state dict against the architecture and keep it as the stage's model."""
     path = _distillation(config).teacher_weights
     folder, key = stage_dir(config, SHARED, stage), stage_key(config, stage)
-    state = load_state(path)
+    if not path.is_file():
+        raise CheckpointError(f"distillation.teacher_weights: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickled module, a truncated file, not a torch file at all
+        raise CheckpointError(f"distillation.teacher_weights: {path} is not a state dict that loads with "
+                              f"weights_only=True ({type(exc).__name__}); save the PDN's state_dict() instead "
+                              "of the pickled module") from None
     teacher = PDN(size)
     try:
         teacher.load_state_dict(state)
