@@ -323,7 +323,8 @@ class ExperimentConfig(Section):
             missing = [layer for layer in section.layers or () if layer not in self.backbone.layers]
             if missing:
                 raise ValueError(f"{name}.layers {missing} are not in backbone.layers {self.backbone.layers}, the "
-                                 f"layers the feature store holds: add them there or set {name}.feature_source: on_the_fly")
+                                 f"layers the feature store holds: add them there or set "
+                                 f"{name}.feature_source: on_the_fly")
         if any(model.startswith("efficientad_") and model != "efficientad_ast" for model in self.models) \
                 and self.distillation is None:
             raise ValueError("EfficientAD-S/M need a teacher: add a distillation section "

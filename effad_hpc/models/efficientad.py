@@ -73,7 +73,8 @@ class EfficientAD(nn.Module):
         parts["ae"] = (teacher_ae - reconstruction).pow(2).mean()
         parts["stae"] = (reconstruction - student_ae).pow(2).mean()
         if penalty_images is not None:
-            parts["penalty"] = self.student(normalize_images(penalty_images))[:, :FEATURE_CHANNELS].float().pow(2).mean()
+            penalty = self.student(normalize_images(penalty_images))[:, :FEATURE_CHANNELS].float()
+            parts["penalty"] = penalty.pow(2).mean()
         parts["total"] = sum(parts.values())
         return parts
 

@@ -71,7 +71,8 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
     penalty = None
     if config.student.penalty_images is not None:
         compute = source.compute if isinstance(source, ComputedFeatures) else BackboneFeatures(config, device)
-        penalty = PenaltyImages(config.student.penalty_images, "student.penalty_images", config.data.image_size, compute)
+        penalty = PenaltyImages(config.student.penalty_images, "student.penalty_images", config.data.image_size,
+                                compute)
     return fit(StageRun(stage, category, folder, key, config.student, model, model.losses, source, config.seed,
                         config.run.mixed_precision, penalty), show_progress)
 

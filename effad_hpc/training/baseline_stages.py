@@ -3,9 +3,9 @@ the model (a memory bank, Gaussians, a gallery), which is saved like a trained m
 
 Each baseline reads its own ``layers`` prepared its own way: from the feature store (the
 config's backbone at ``data.image_size``), or computed on the fly, also by its own backbone at
-its own image size (the papers' WideResNet-50 at 256 px, while the AST family reads B5 at 768 px). The stage record's ``best_validation`` is the mean
-image score of the validation split (good images), a scale for comparing runs; nothing is
-selected on it.
+its own image size (the papers' WideResNet-50 at 256 px, while the AST family reads B5 at 768
+px). The stage record's ``best_validation`` is the mean image score of the validation split
+(good images), a scale for comparing runs; nothing is selected on it.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _build_patchcore(config: ExperimentConfig, channels: int, _map_size: int, st
 
 def _build_padim(config: ExperimentConfig, channels: int, map_size: int, state: dict) -> nn.Module:
     return build_model("padim", in_channels=channels, map_size=(map_size, map_size),
-                       dims=state["channel_index"].numel(), seed=config.seed, smoothing_sigma=config.padim.smoothing_sigma)
+                       dims=state["channel_index"].numel(), seed=config.seed,
+                       smoothing_sigma=config.padim.smoothing_sigma)
 
 
 def _build_spade(config: ExperimentConfig, _channels: int, _map_size: int, state: dict) -> nn.Module:

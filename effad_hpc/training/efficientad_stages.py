@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -121,7 +122,8 @@ def _use_teacher_file(config: ExperimentConfig, size: PDNSize, stage: str) -> St
 
 
 def _target_stats(compute: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset, count: int,
-                  config: ExperimentConfig, folder, key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                  config: ExperimentConfig, folder: Path, key: str,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the distillation targets over ``count`` seeded random images
     (kept in the stage folder, so a resumed run does not recompute them)."""
     path = folder / TARGET_STATS
@@ -201,7 +203,8 @@ def jitter(images: torch.Tensor, generator: torch.Generator, strength: float) ->
 
 
 @torch.no_grad()
-def teacher_statistics(model: EfficientAD, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_statistics(model: EfficientAD, loader: DataLoader,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the teacher's output over every training image, in one pass."""
     return channel_statistics(model.teacher_output(batch["image"].to(device), normalized=False) for batch in loader)
 

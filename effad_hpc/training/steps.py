@@ -3,8 +3,8 @@
 EfficientAD trains for a number of optimizer steps (70,000 at batch 1 in the paper), not
 epochs. Every ``checkpoint_every`` steps the loop writes a log row (mean training losses since
 the last row, the validation loss when the stage has one, the learning rate) and the full
-training state atomically (the log's ``lr`` is the rate of the row's last step); a rerun or a requeued job resumes there and ends exactly as an
-uninterrupted run would: step ``i`` draws its images and augmentations from a generator
+training state atomically (the log's ``lr`` is the rate of the row's last step); a rerun or a
+requeued job resumes there and ends exactly as an uninterrupted run would: step ``i`` draws its images and augmentations from a generator
 seeded by (seed, stage, i), and the global RNG (dropout) is restored from the checkpoint. The
 model of the last step is the result (the paper selects nothing; neither do we, and never on
 test data). ``finish`` runs once after the last step, before ``model.pt`` is written (e.g. map
@@ -150,7 +150,8 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
     validation = history[-1].get("validation", math.nan) if history else math.nan
     record = StageRecord(stage=run.stage, category=run.category, key=run.key, best_epoch=step, final_epoch=step,
                          best_validation=validation, stopped_early=False, train_seconds=round(elapsed, 3),
-                         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumed_at_epochs=resumed)
+                         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         resumed_at_epochs=resumed)
     write_record(run.folder, record)
     last.unlink(missing_ok=True)
     return record
