@@ -21,6 +21,7 @@ import io
 import json
 import pickle
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -94,6 +95,15 @@ def completed_record(folder: Path, key: str) -> StageRecord | None:
 
 def write_record(folder: Path, record: StageRecord) -> None:
     atomic_write_json(Path(folder) / RECORD, asdict(record))
+
+
+def complete_stage(folder: Path, **fields) -> StageRecord:
+    """Write the completion record (``fields`` of :class:`StageRecord` but the time, which is now)
+    and drop ``last.pt``: the full training state is large and no longer needed."""
+    record = StageRecord(**fields, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    write_record(folder, record)
+    (Path(folder) / LAST_CHECKPOINT).unlink(missing_ok=True)
+    return record
 
 
 def write_log(folder: Path, history: list[dict]) -> None:

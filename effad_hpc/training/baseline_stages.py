@@ -12,17 +12,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
 
 import torch
 from torch import nn
 
 from effad_hpc.config import BaselineConfig, ExperimentConfig
 from effad_hpc.errors import DataError
-from effad_hpc.models import PaDiM, PatchCore, SPADE, build_model, image_scores
+from effad_hpc.models import SPADE, PaDiM, PatchCore, build_model, image_scores
 from effad_hpc.models.feature_maps import Preparation
-from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, save_state, stage_dir, write_record
-from effad_hpc.training.registry import ModelInputs, ModelRecipe, Stage, register_recipe, register_stage, stage_key
+from effad_hpc.training.artifacts import (
+    BEST_MODEL,
+    StageRecord,
+    complete_stage,
+    completed_record,
+    save_state,
+    stage_dir,
+)
+from effad_hpc.training.registry import (
+    ModelInputs,
+    ModelRecipe,
+    Stage,
+    register_recipe,
+    register_stage,
+    stage_key,
+)
 from effad_hpc.training.sources import FeatureSource, open_source
 from effad_hpc.utils.device import resolve_device
 
@@ -55,12 +68,9 @@ def _fit_stage(name: str, preparation: Preparation, fit: Fit) -> Callable[..., S
         model = fit(config, source.batches("train", range(source.size("train")), settings.batch_size)).to(device).eval()
         seconds = time.monotonic() - started
         save_state({k: v.cpu() for k, v in model.state_dict().items()}, folder / BEST_MODEL)
-        record = StageRecord(stage=name, category=category, key=key, best_epoch=1, final_epoch=1,
-                             best_validation=_validation_score(model, source, settings.batch_size),
-                             stopped_early=False, train_seconds=round(seconds, 3),
-                             finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        write_record(folder, record)
-        return record
+        return complete_stage(folder, stage=name, category=category, key=key, best_epoch=1, final_epoch=1,
+                              best_validation=_validation_score(model, source, settings.batch_size),
+                              stopped_early=False, train_seconds=round(seconds, 3))
 
     return run
 

@@ -11,7 +11,6 @@ teacher's channels over the category's training images, train student and autoen
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -31,14 +30,26 @@ from effad_hpc.training.artifacts import (
     BEST_MODEL,
     SHARED,
     StageRecord,
+    complete_stage,
     completed_record,
     load_state,
     save_state,
     stage_dir,
-    write_record,
 )
-from effad_hpc.training.registry import ModelInputs, ModelRecipe, Stage, register_recipe, register_stage, stage_key
-from effad_hpc.training.sources import BackboneFeatures, PenaltyImages, image_folder, image_samples
+from effad_hpc.training.registry import (
+    ModelInputs,
+    ModelRecipe,
+    Stage,
+    register_recipe,
+    register_stage,
+    stage_key,
+)
+from effad_hpc.training.sources import (
+    BackboneFeatures,
+    PenaltyImages,
+    image_folder,
+    image_samples,
+)
 from effad_hpc.training.steps import StepRun, StepSampler, fit_steps
 from effad_hpc.utils.atomic import sha256_file
 from effad_hpc.utils.device import resolve_device
@@ -114,11 +125,8 @@ def _use_teacher_file(config: ExperimentConfig, size: PDNSize, stage: str) -> St
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: not a PDN-{size[0].upper()} teacher state dict ({exc})") from None
     save_state(teacher.state_dict(), folder / BEST_MODEL)
-    record = StageRecord(stage=stage, category=SHARED, key=key, best_epoch=0, final_epoch=0,
-                         best_validation=float("nan"), stopped_early=False, train_seconds=0.0,
-                         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    write_record(folder, record)
-    return record
+    return complete_stage(folder, stage=stage, category=SHARED, key=key, best_epoch=0, final_epoch=0,
+                          best_validation=float("nan"), stopped_early=False, train_seconds=0.0)
 
 
 def _target_stats(compute: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset, count: int,

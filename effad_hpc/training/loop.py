@@ -17,11 +17,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from torch import nn
 
 from effad_hpc.config import TrainedStage, stable_hash
@@ -30,10 +35,10 @@ from effad_hpc.training.artifacts import (
     BEST_MODEL,
     LAST_CHECKPOINT,
     StageRecord,
+    complete_stage,
     load_state,
     save_state,
     write_log,
-    write_record,
 )
 from effad_hpc.training.sources import FeatureSource, PenaltyImages
 from effad_hpc.utils.device import autocast, grad_scaler
@@ -73,6 +78,31 @@ def restore_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_training_state(path: Path, key: str, model: nn.Module, optimizer, scheduler, scaler,
+                        device: torch.device, progress: dict) -> None:
+    """Everything a resumed run needs (weights, optimizer, schedule, loss scaler, RNG) plus the
+    loop's own ``progress`` (epoch or step, history, ...), atomically."""
+    save_state({"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(device),
+                **progress}, path)
+
+
+def resume_training_state(path: Path, key: str, model: nn.Module, optimizer, scheduler, scaler,
+                          device: torch.device) -> dict | None:
+    """Load a training state written for ``key`` into the objects; its ``progress`` entries, or None."""
+    if not path.is_file():
+        return None
+    state = load_state(path)
+    if state["key"] != key:
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], device)
+    return state
 
 
 def patience_epochs(settings: TrainedStage) -> int | None:
@@ -136,17 +166,10 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
 
     epoch, best_value, best_epoch, history, elapsed, resumed = 0, math.inf, 0, [], 0.0, []
     last = folder / LAST_CHECKPOINT
-    if last.is_file():
-        state = load_state(last)
-        if state["key"] == run.key:
-            run.model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            restore_rng(state["rng"], device)
-            epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
-            best_value, best_epoch = state["best_value"], state["best_epoch"]
-            resumed = [*state["resumed_at_epochs"], epoch]
+    if (state := resume_training_state(last, run.key, run.model, optimizer, scheduler, scaler, device)) is not None:
+        epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+        best_value, best_epoch = state["best_value"], state["best_epoch"]
+        resumed = [*state["resumed_at_epochs"], epoch]
     stopped_early = patience is not None and epoch - best_epoch >= patience
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -170,18 +193,12 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
             elapsed += row["seconds"]
             history.append(row)
             write_log(folder, history)
-            save_state({"key": run.key, "epoch": epoch, "model": run.model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "rng": rng_state(device), "history": history,
-                        "elapsed": elapsed, "best_value": best_value, "best_epoch": best_epoch,
-                        "resumed_at_epochs": resumed}, last)
+            save_training_state(last, run.key, run.model, optimizer, scheduler, scaler, device, {
+                "epoch": epoch, "history": history, "elapsed": elapsed, "best_value": best_value,
+                "best_epoch": best_epoch, "resumed_at_epochs": resumed})
             progress.update(epochs_task, completed=epoch,
                             description=f"{run.category} {run.stage} epochs (validation {best_value:.4g} @ {best_epoch})")
 
-    record = StageRecord(stage=run.stage, category=run.category, key=run.key, best_epoch=best_epoch,
-                         final_epoch=epoch, best_validation=best_value, stopped_early=stopped_early,
-                         train_seconds=round(elapsed, 3),
-                         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumed_at_epochs=resumed)
-    write_record(folder, record)
-    last.unlink(missing_ok=True)  # the full training state is large and no longer needed
-    return record
+    return complete_stage(folder, stage=run.stage, category=run.category, key=run.key, best_epoch=best_epoch,
+                          final_epoch=epoch, best_validation=best_value, stopped_early=stopped_early,
+                          train_seconds=round(elapsed, 3), resumed_at_epochs=resumed)

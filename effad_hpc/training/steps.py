@@ -17,11 +17,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from torch import nn
 
 from effad_hpc.errors import TrainingError
@@ -29,12 +34,15 @@ from effad_hpc.training.artifacts import (
     BEST_MODEL,
     LAST_CHECKPOINT,
     StageRecord,
-    load_state,
+    complete_stage,
     save_state,
     write_log,
-    write_record,
 )
-from effad_hpc.training.loop import restore_rng, rng_state, seeded_generator
+from effad_hpc.training.loop import (
+    resume_training_state,
+    save_training_state,
+    seeded_generator,
+)
 from effad_hpc.utils.device import autocast, grad_scaler
 
 StepLosses = Callable[[int, torch.Generator], dict[str, torch.Tensor]]
@@ -92,12 +100,8 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
     scaler = grad_scaler(run.device, run.mixed_precision)
     step, history, elapsed, resumed = 0, [], 0.0, []
     last = run.folder / LAST_CHECKPOINT
-    if last.is_file() and (state := load_state(last))["key"] == run.key:
-        run.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"], run.device)
+    state = resume_training_state(last, run.key, run.model, optimizer, scheduler, scaler, run.device)
+    if state is not None:
         step, history, elapsed = state["step"], state["history"], state["elapsed"]
         resumed = [*state["resumed_at_steps"], step]
     elif run.prepare is not None:
@@ -138,20 +142,15 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
                 started, sums = now, {}
                 history.append(row)
                 write_log(run.folder, history)
-                save_state({"key": run.key, "step": step, "model": run.model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(), "rng": rng_state(run.device), "history": history,
-                            "elapsed": elapsed, "resumed_at_steps": resumed}, last)
+                save_training_state(last, run.key, run.model, optimizer, scheduler, scaler, run.device,
+                                    {"step": step, "history": history, "elapsed": elapsed,
+                                     "resumed_at_steps": resumed})
 
     run.model.eval()
     if run.finish is not None:
         run.finish()
     save_state(run.model.state_dict(), run.folder / BEST_MODEL)
     validation = history[-1].get("validation", math.nan) if history else math.nan
-    record = StageRecord(stage=run.stage, category=run.category, key=run.key, best_epoch=step, final_epoch=step,
-                         best_validation=validation, stopped_early=False, train_seconds=round(elapsed, 3),
-                         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         resumed_at_epochs=resumed)
-    write_record(run.folder, record)
-    last.unlink(missing_ok=True)
-    return record
+    return complete_stage(run.folder, stage=run.stage, category=run.category, key=run.key, best_epoch=step,
+                          final_epoch=step, best_validation=validation, stopped_early=False,
+                          train_seconds=round(elapsed, 3), resumed_at_epochs=resumed)
