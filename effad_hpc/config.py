@@ -83,7 +83,8 @@ class BackboneConfig(Section):
     weights_path: ConfigPath | None = None
     """A state-dict file (timm key names) to load instead of the cache."""
     cache_dir: ConfigPath | None = None
-    """Hugging Face / timm cache that ``effad-hpc prefetch`` fills on a login node."""
+    """Hugging Face / timm cache that ``effad-hpc prefetch`` fills on a login node. The other
+    backbones of a config (distillation's, baselines') look here too unless they name their own."""
 
 
 class FeaturesConfig(Section):
@@ -330,6 +331,16 @@ class ExperimentConfig(Section):
             raise ValueError("EfficientAD-S/M need a teacher: add a distillation section "
                              "(distillation.images to distill one, or distillation.teacher_weights)")
         return self
+
+    def backbone_or_main(self, own: BackboneConfig | None) -> BackboneConfig:
+        """A section's own backbone (distillation's, a baseline's), or ``backbone`` when it has
+        none. An own backbone without a cache of its own reads ``backbone.cache_dir``: one
+        ``backbone.cache_dir=`` on the command line then serves ``prefetch`` and every job."""
+        if own is None:
+            return self.backbone
+        if own.cache_dir is None and own.weights_path is None:
+            return own.model_copy(update={"cache_dir": self.backbone.cache_dir})
+        return own
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -65,3 +65,14 @@ def test_run_all_in_process_generates_data_extracts_trains_and_evaluates(tmp_pat
         assert metrics["dataset"] == "synthetic_data" and metrics["layout"] == "mvtec_loco"
         assert "au_spro_0.05_mean" in metrics["metrics"]
     assert (tmp_path / "run" / "config.yaml").read_text().startswith("# config hash: ")
+
+
+def test_one_cache_dir_on_the_command_line_serves_every_backbone(tmp_path, synthetic_ad):
+    """configs/mvtec_ad.yaml gives PatchCore its own WideResNet-50: `backbone.cache_dir=` is where
+    it looks too (the README's prefetch-then-submit recipe), and the error says so."""
+    cache = tmp_path / "hf-cache"
+    out = run("-m", "effad_hpc", "train", "--config", "configs/mvtec_ad.yaml", "--model", "patchcore",
+              "--category", "fabric", f"data.root={synthetic_ad}", f"run.out_dir={tmp_path / 'run'}",
+              f"backbone.cache_dir={cache}", "run.device=cpu")
+    assert out.returncode == 2, out.stderr
+    assert "wide_resnet50_2" in out.stderr and str(cache) in out.stderr and "effad-hpc prefetch" in out.stderr

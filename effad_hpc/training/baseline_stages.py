@@ -110,7 +110,7 @@ def _build_spade(config: ExperimentConfig, _channels: int, _map_size: int, state
 def _inputs(name: str, preparation: Preparation) -> Callable[[ExperimentConfig], ModelInputs]:
     def inputs(config: ExperimentConfig) -> ModelInputs:
         section: BaselineConfig = getattr(config, name)
-        backbone = section.backbone or config.backbone
+        backbone = config.backbone_or_main(section.backbone)
         layers = list(section.layers or backbone.layers)
         # the extractor runs the backbone up to the deepest of exactly these layers
         return ModelInputs(section.image_size or config.data.image_size, backbone.model_copy(update={"layers": layers}),

@@ -157,7 +157,8 @@ def _distill(size: PDNSize, stage: str) -> Callable[..., StageRecord]:
         device = resolve_device(config.run.device)
         dataset = ImageDataset(image_samples(image_folder(d.images, "distillation.images", d.pattern), "distill"),
                                d.backbone_image_size)
-        features = BackboneFeatures(config, device, build_backbone(d.backbone), d.backbone.layers, "patches")
+        backbone = config.backbone_or_main(d.backbone)
+        features = BackboneFeatures(config, device, build_backbone(backbone), backbone.layers, "patches")
         image_size = config.efficientad.image_size
         grid = pdn_output_size(size, image_size, padded=True)
 
