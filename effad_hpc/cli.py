@@ -195,7 +195,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     backbones = [config.backbone]
     if config.distillation is not None and config.distillation.teacher_weights is None:
         backbones.append(config.backbone_or_main(config.distillation.backbone))  # EfficientAD's teacher's source
-    backbones += [config.backbone_or_main(section.backbone) for section in (config.patchcore, config.padim, config.spade)]
+    baselines = (config.patchcore, config.padim, config.spade)
+    backbones += [config.backbone_or_main(section.backbone) for section in baselines]
     for backbone in {b.model_dump_json(): b for b in backbones}.values():
         print(prefetch(create_model(backbone), backbone))
     return 0
