@@ -369,7 +369,10 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     try:
         node[leaf] = yaml.load(value, Loader=YamlLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
+        if value.lstrip().startswith(("[", "{")):
+            raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
+        # A shell word such as the glob `*/train/good/*` (a YAML alias to YAML) is meant as text.
+        node[leaf] = value
 
 
 def format_errors(source: str, error: ValidationError) -> str:

@@ -66,6 +66,11 @@ def test_overrides_pass_the_same_validation(make_config):
         load_config(path, ["features.shards"])
     with pytest.raises(ConfigError, match="is a value, not a section"):
         load_config(path, ["seed.x=1"])
+    # a glob is text on the command line, though YAML would read `*...` as an alias
+    config = load_config(path, ["distillation.images=/data/imagenet", "distillation.pattern=*/train/good/*"])
+    assert config.distillation.pattern == "*/train/good/*"
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path, ["data.categories=[fabric, grid"])
 
 
 def test_resolved_config_and_stable_hash(make_config, tmp_path):
