@@ -53,6 +53,12 @@ def test_patchcore_scores_are_nearest_bank_distances_with_the_papers_reweighting
         weight = 1 - torch.exp(d[0]) / torch.exp(d).sum()
         assert scores[image].item() == pytest.approx((weight * expected_map[image].max()).item(), rel=1e-4)
 
+    # With one neighbour (or a one-vector bank) there is nothing to reweight with: the score is s*.
+    single = PatchCore.fit([train_features], coreset_ratio=0.01, projection_dim=None, num_neighbors=9)
+    assert single.bank.shape == (1, 5) and single.num_neighbors == 1
+    single_maps = single.maps(test)
+    assert torch.equal(single.image_scores(test, single_maps), single_maps["combined"].flatten(1).amax(1))
+
 
 def test_padim_covariance_is_invertible_with_fewer_images_than_channels():
     generator = torch.Generator().manual_seed(2)

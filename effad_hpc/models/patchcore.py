@@ -28,7 +28,7 @@ def _flat(features: torch.Tensor) -> torch.Tensor:
 class PatchCore(nn.Module):
     def __init__(self, channels: int, bank_size: int, num_neighbors: int = 9, smoothing_sigma: float = 4.0):
         super().__init__()
-        self.num_neighbors = num_neighbors
+        self.num_neighbors = min(num_neighbors, bank_size)  # a tiny bank has fewer neighbours to offer
         self.smoothing_sigma = smoothing_sigma  # of the map upsampled to the image, in its pixels
         self.register_buffer("bank", torch.zeros(bank_size, channels))
 
@@ -39,7 +39,7 @@ class PatchCore(nn.Module):
         patches = torch.cat([_flat(batch.float()).cpu() for batch in batches])
         k = max(1, round(coreset_ratio * len(patches)))
         keep = greedy_coreset(patches, k, projection_dim=projection_dim, seed=seed)
-        model = cls(patches.shape[1], k, min(num_neighbors, k))
+        model = cls(patches.shape[1], k, num_neighbors)
         model.bank.copy_(patches[keep])
         return model
 
@@ -52,6 +52,8 @@ class PatchCore(nn.Module):
         """s = (1 - softmax(distances of the worst patch to N_b(m*)) at m*) * s*, where m* is the
         worst patch's nearest bank vector and N_b(m*) its ``num_neighbors`` nearest bank vectors (m* first)."""
         worst_score, worst = maps["combined"].flatten(1).max(dim=1)
+        if self.num_neighbors == 1:  # one neighbour: softmax 1, weight 0; the paper's s* is all there is
+            return worst_score
         queries = features.float().flatten(2)[torch.arange(len(features), device=worst.device), :, worst]  # (B, C)
         _, nearest = nearest_neighbours(queries, self.bank, 1)
         _, support = nearest_neighbours(self.bank[nearest[:, 0]], self.bank, self.num_neighbors)

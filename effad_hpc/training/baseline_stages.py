@@ -90,7 +90,7 @@ def _fit_spade(config: ExperimentConfig, batches: Iterable[torch.Tensor]) -> nn.
 
 def _build_patchcore(config: ExperimentConfig, channels: int, _map_size: int, state: dict) -> nn.Module:
     return build_model("patchcore", channels=channels, bank_size=state["bank"].shape[0],
-                       num_neighbors=min(config.patchcore.num_neighbors, state["bank"].shape[0]),
+                       num_neighbors=config.patchcore.num_neighbors,
                        smoothing_sigma=config.patchcore.smoothing_sigma)
 
 
