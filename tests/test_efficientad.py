@@ -20,7 +20,7 @@ from effad_hpc.models.autoencoder import ImageAutoencoder
 from effad_hpc.models.losses import quantile
 from effad_hpc.training import read_log, read_record, stage_dir, train
 from effad_hpc.training.artifacts import BEST_MODEL, SHARED
-from effad_hpc.training.efficientad_stages import jitter, map_quantiles, teacher_statistics
+from effad_hpc.training.efficientad_stages import jitter, map_quantiles, penalty_view, teacher_statistics
 from effad_hpc.training.steps import StepRun, fit_steps
 
 from tests.conftest import REPO, tiny_config
@@ -63,6 +63,18 @@ def test_ae_input_jitter_is_one_of_three_adjustments_and_reproducible():
     assert torch.equal(first, again) and not torch.equal(first, images)
     assert first.min() >= 0 and first.max() <= 1
     assert torch.equal(jitter(images, torch.Generator(), 0.0), images)
+
+
+def test_penalty_view_is_the_central_half_grey_about_three_times_in_ten():
+    images = torch.rand(400, 3, 16, 16)
+    views = penalty_view(images, torch.Generator().manual_seed(0))
+    assert views.shape == (400, 3, 8, 8)
+    centre = images[..., 4:12, 4:12]
+    grey = (views[:, 0] == views[:, 1]).all(dim=(1, 2)) & (views[:, 1] == views[:, 2]).all(dim=(1, 2))
+    assert torch.equal(views[~grey], centre[~grey])
+    luminance = (torch.tensor([0.2989, 0.587, 0.114])[:, None, None] * centre[grey]).sum(1)
+    assert torch.allclose(views[grey][:, 0], luminance, atol=1e-5)
+    assert 0.22 < grey.float().mean() < 0.38
 
 
 @pytest.fixture

@@ -211,6 +211,15 @@ def jitter(images: torch.Tensor, generator: torch.Generator, strength: float) ->
     return torch.stack(out)
 
 
+def penalty_view(images: torch.Tensor, generator: torch.Generator, grayscale: float = 0.3) -> torch.Tensor:
+    """EfficientAD's view of a penalty image (as its authors' code): loaded at twice the model's
+    side, the central half kept (a zoomed-in crop), turned grey with probability ``grayscale``."""
+    side = images.shape[-1] // 2
+    crop = TF.center_crop(images, [side, side])
+    grey = torch.rand(len(crop), generator=generator) < grayscale
+    return torch.where(grey[:, None, None, None], TF.rgb_to_grayscale(crop, num_output_channels=3), crop)
+
+
 @torch.no_grad()
 def teacher_statistics(model: EfficientAD, loader: DataLoader,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,13 +264,14 @@ def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., Sta
         model.teacher.load_state_dict(load_state(teacher_folder / BEST_MODEL))
         model.to(device)
         penalty = None if e.penalty_images is None else PenaltyImages(e.penalty_images, "efficientad.penalty_images",
-                                                                      e.image_size)
+                                                                      2 * e.image_size)
         batches = _lazy_batches(lambda start: _step_batches(splits["train"], e.batch_size, config.seed, model_name,
                                                             start, e.steps, config, device))
 
         def losses(step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
             images = batches(step)
-            penalty_images = None if penalty is None else penalty.batch(generator, len(images)).to(device)
+            penalty_images = None if penalty is None else \
+                penalty_view(penalty.batch(generator, len(images)), generator).to(device)
             return model.losses(images, jitter(images, generator, e.augmentation), penalty_images)
 
         def validate() -> float:
