@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from effad_hpc.errors import ConfigError
 from effad_hpc.utils.atomic import atomic_write_text
@@ -85,6 +85,11 @@ class BackboneConfig(Section):
     cache_dir: ConfigPath | None = None
     """Hugging Face / timm cache that ``effad-hpc prefetch`` fills on a login node. The other
     backbones of a config (distillation's, baselines') look here too unless they name their own."""
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that make its features what they are, for stage keys: all but where the
+        weights are cached, so that moving the cache does not retrain a run."""
+        return self.model_dump(mode="json", exclude={"cache_dir"})
 
 
 class FeaturesConfig(Section):
@@ -185,6 +190,10 @@ class EfficientADConfig(Section):
         return self
 
 
+DISTILLATION_BACKBONE = BackboneConfig(name="wide_resnet101_2", layers=["layer2", "layer3"])
+"""The paper's: WideResNet-101 ``layer2`` + ``layer3``."""
+
+
 class DistillationConfig(Section):
     """EfficientAD's teacher: a padded PDN regressed onto a pretrained backbone's mid-level
     features (SPEC section 1). Runs once per run; every category uses the result."""
@@ -195,7 +204,7 @@ class DistillationConfig(Section):
     """Folder of ImageNet-like images to distill on (ImageNet in the paper)."""
     pattern: str = "**/*"
     """Glob under ``images`` that selects the files (image suffixes only), e.g. ``*/train/good/*``."""
-    backbone: BackboneConfig = BackboneConfig(name="wide_resnet101_2", layers=["layer2", "layer3"])
+    backbone: BackboneConfig = DISTILLATION_BACKBONE
     backbone_image_size: PositiveInt = 512
     """The backbone's input side; the PDN sees the same image at ``efficientad.image_size``."""
     steps: PositiveInt = 60_000
@@ -205,6 +214,13 @@ class DistillationConfig(Section):
     normalization_images: PositiveInt = 1_000
     """Images whose target features give the per-channel mean and std the targets are normalized with."""
     checkpoint_every: PositiveInt = 1_000
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _partial_backbone_keeps_the_papers(cls, value: Any) -> Any:
+        # `distillation.backbone.cache_dir=...` alone must not turn the teacher's source into
+        # BackboneConfig's defaults (Lite0 blocks.4): unnamed keys keep the paper's backbone.
+        return DISTILLATION_BACKBONE.model_dump() | value if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _images_or_weights(self) -> DistillationConfig:

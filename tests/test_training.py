@@ -20,7 +20,7 @@ from effad_hpc.training.artifacts import BEST_MODEL, LAST_CHECKPOINT, load_state
 from effad_hpc.training.loop import StageRun, _validate
 from effad_hpc.training.sources import StoredFeatures
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_config
 
 SMALL_NETS = {
     "teacher.hidden_channels": 32, "teacher.epochs": 4, "teacher.batch_size": 4,
@@ -62,6 +62,26 @@ def test_rerun_skips_complete_stages_and_a_changed_input_retrains_downstream(mak
     teacher, student = train(changed, "efficientad_ast", "fabric", show_progress=False)
     assert teacher == first[0]
     assert student.key != first[1].key and student.finished_at >= first[1].finished_at
+
+
+def test_moving_the_weights_cache_keeps_every_stage_key(synthetic_fabric, tmp_path):
+    from effad_hpc.features import feature_key
+    from effad_hpc.training.registry import stage_key
+
+    def keys(changes: dict) -> dict[str, str]:
+        config = tiny_config(synthetic_fabric, tmp_path, {
+            "patchcore": {"backbone": {"name": "wide_resnet50_2", "layers": ["layer2"]},
+                          "feature_source": "on_the_fly"},
+            "distillation": {"images": str(synthetic_fabric)}} | changes)
+        return {"features": feature_key(config)} | {name: stage_key(config, name)
+                                                      for name in ("teacher", "patchcore", "padim", "distill_s")}
+
+    plain = keys({})
+    assert keys({"backbone.cache_dir": str(tmp_path / "cache"),
+                 "distillation.backbone.cache_dir": str(tmp_path / "other")}) == plain
+    changed = keys({"patchcore.backbone.layers": ["layer3"], "backbone.layers": ["blocks.4"],
+                    "distillation.backbone.layers": ["layer3"]})
+    assert all(changed[name] != plain[name] for name in plain)
 
 
 def test_early_stopping_keeps_the_best_validation_model(make_config):

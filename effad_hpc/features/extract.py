@@ -35,7 +35,7 @@ def feature_key(config: ExperimentConfig) -> str:
         "store_version": STORE_VERSION,
         "data": {"layout": data.layout, "root": str(data.root), "image_size": data.image_size,
                  "validation_fraction": data.validation_fraction, "seed": config.seed},
-        "backbone": config.backbone.model_dump(mode="json"),
+        "backbone": config.backbone.identity(),
         "dtype": config.features.dtype,
     })
 

@@ -123,7 +123,7 @@ def _settings(name: str, preparation: Preparation) -> Callable[[ExperimentConfig
     def settings(config: ExperimentConfig) -> dict:
         inputs = _inputs(name, preparation)(config)
         values = getattr(config, name).model_dump(mode="json", exclude={"feature_source", "batch_size"})
-        return values | {"backbone": inputs.backbone.model_dump(mode="json"), "image_size": inputs.image_size,
+        return values | {"backbone": inputs.backbone.identity(), "image_size": inputs.image_size,
                          "layers": list(inputs.layers)}
 
     return settings

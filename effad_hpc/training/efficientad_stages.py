@@ -191,7 +191,7 @@ def _distill_settings(config: ExperimentConfig) -> dict:
         return {"teacher_weights": str(d.teacher_weights), "sha256": sha256_file(d.teacher_weights)
                 if d.teacher_weights.is_file() else None}
     return d.model_dump(mode="json", exclude={"teacher_weights", "checkpoint_every"}) | {
-        "image_size": config.efficientad.image_size}
+        "backbone": d.backbone.identity(), "image_size": config.efficientad.image_size}
 
 
 # --- student + autoencoder -----------------------------------------------------------------
