@@ -249,6 +249,10 @@ class BaselineConfig(Section):
     smoothing_sigma: Annotated[float, Field(ge=0)] = 4.0
     """Gaussian smoothing of the upsampled map, in pixels of the model's input (the papers: 4; 0: none)."""
 
+    def named_layers(self) -> list[str]:
+        """The layers this section names itself (``null`` ones come from the backbone)."""
+        return list(self.layers or ())
+
 
 class PatchCoreConfig(BaselineConfig):
     coreset_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
@@ -270,6 +274,12 @@ class SPADEConfig(BaselineConfig):
     image_neighbors: PositiveInt = 50
     """K nearest training images (global features) whose pixels a test pixel is compared with."""
     pixel_neighbors: PositiveInt = 1
+    global_layer: str | None = None
+    """Layer whose global average pool is an image's feature for the image-level kNN (the paper:
+    the backbone's last, ``layer4`` of WideResNet-50); ``null``: the spatial mean of ``layers``."""
+
+    def named_layers(self) -> list[str]:
+        return super().named_layers() + ([self.global_layer] if self.global_layer else [])
 
 
 class InferenceConfig(Section):
@@ -337,11 +347,15 @@ class ExperimentConfig(Section):
             if section.backbone not in (None, self.backbone) or section.image_size not in (None, self.data.image_size):
                 raise ValueError(f"{name}: the feature store holds the features of `backbone` at data.image_size; "
                                  f"with its own backbone or image_size, set {name}.feature_source: on_the_fly")
-            missing = [layer for layer in section.layers or () if layer not in self.backbone.layers]
+            missing = [layer for layer in section.named_layers() if layer not in self.backbone.layers]
             if missing:
-                raise ValueError(f"{name}.layers {missing} are not in backbone.layers {self.backbone.layers}, the "
-                                 f"layers the feature store holds: add them there or set "
+                raise ValueError(f"{name} reads layers {missing} that are not in backbone.layers "
+                                 f"{self.backbone.layers}, the layers the feature store holds: add them there or set "
                                  f"{name}.feature_source: on_the_fly")
+        spade_layers = self.spade.layers or self.backbone_or_main(self.spade.backbone).layers
+        if self.spade.global_layer in spade_layers:
+            raise ValueError(f"spade.global_layer {self.spade.global_layer!r} is also a pyramid layer "
+                             f"{spade_layers}: name a deeper one (the paper: the last)")
         if any(model.startswith("efficientad_") and model != "efficientad_ast" for model in self.models) \
                 and self.distillation is None:
             raise ValueError("EfficientAD-S/M need a teacher: add a distillation section "

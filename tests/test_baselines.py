@@ -88,32 +88,70 @@ def test_spade_compares_pixels_with_the_nearest_training_images():
     expected = torch.cdist(test[0].flatten(1).T, pixels).amin(1).reshape(3, 3)
     assert torch.allclose(model.maps(test)["combined"][0], expected, atol=1e-4)
 
+    # With a global layer (the paper's image-level feature): images are found by its pooled channels.
+    image_level = torch.randn(6, 7, 1, 1, generator=generator)
+    inputs = torch.cat([gallery, image_level.expand(-1, -1, 3, 3)], dim=1)
+    model = SPADE.fit([inputs[:4], inputs[4:]], image_neighbors=2, global_channels=7)
+    assert model.gallery.shape == (6, 4, 3, 3) and torch.allclose(model.global_features, image_level[:, :, 0, 0])
+    test_level = torch.randn(1, 7, 1, 1, generator=generator)
+    test_inputs = torch.cat([test, test_level.expand(-1, -1, 3, 3)], dim=1)
+    nearest = torch.cdist(test_level[:, :, 0, 0], image_level[:, :, 0, 0])[0].topk(2, largest=False)
+    assert model.image_scores(test_inputs, {}).item() == pytest.approx(nearest.values.mean().item(), rel=1e-4)
+    pixels = gallery[nearest.indices].permute(0, 2, 3, 1).reshape(-1, 4)
+    expected = torch.cdist(test[0].flatten(1).T, pixels).amin(1).reshape(3, 3)
+    assert torch.allclose(model.maps(test_inputs)["combined"][0], expected, atol=1e-4)
+    with pytest.raises(ValueError, match=r"expects 11 input channels \(4 pyramid \+ 7 global\), got 4"):
+        model.maps(test)
+
+
+def test_pyramid_with_global_is_the_finest_pyramid_and_the_last_layers_average_pool():
+    from effad_hpc.models.feature_maps import pyramid_with_global, upsample_concat
+
+    generator = torch.Generator().manual_seed(5)
+    layers = {"fine": torch.randn(2, 3, 8, 8, generator=generator), "mid": torch.randn(2, 5, 4, 4, generator=generator),
+              "last": torch.randn(2, 6, 2, 2, generator=generator)}
+    out = pyramid_with_global(layers, ["fine", "mid", "last"])
+    assert out.shape == (2, 3 + 5 + 6, 8, 8)
+    assert torch.equal(out[:, :8], upsample_concat(layers, ["fine", "mid"]))
+    pooled = torch.nn.functional.adaptive_avg_pool2d(layers["last"], 1)
+    assert torch.allclose(out[:, 8:], pooled.expand(-1, -1, 8, 8))
+
 
 BASELINES = {
     "patchcore": {"patchcore.coreset_ratio": 0.25},  # stored features (the default source)
     "padim": {"padim.dims": 60, "padim.feature_source": "on_the_fly", "padim.layers": ["blocks.1", "blocks.3"]},
     "spade": {"spade.image_neighbors": 5, "spade.feature_source": "on_the_fly"},
+    "spade:global_layer": {"spade.image_neighbors": 5, "spade.feature_source": "on_the_fly",
+                           "spade.layers": ["blocks.2", "blocks.3"], "spade.global_layer": "blocks.6"},
 }
 
 
-@pytest.mark.parametrize("model", sorted(BASELINES))
-def test_baseline_fits_and_separates_defects(model, synthetic_fabric, tmp_path):
+@pytest.mark.parametrize("case", sorted(BASELINES))
+def test_baseline_fits_and_separates_defects(case, synthetic_fabric, tmp_path):
+    model = case.split(":")[0]
     config = tiny_config(synthetic_fabric, tmp_path / "run", {
         "data.image_size": 128, "evaluation.latency_repeats": 2, "evaluation.write_overlays": False,
-        **BASELINES[model]})
+        **BASELINES[case]})
     (record,) = train(config, model, "fabric", show_progress=False)
     assert record.stage == model and record.train_seconds >= 0
     state = torch.load(stage_dir(config, "fabric", model) / BEST_MODEL, weights_only=True)
     if model == "patchcore":  # 24 train images minus validation, 16 x 16 patches each, a quarter kept
         patches = 16 * 16 * 18
         assert state["bank"].shape[0] == round(0.25 * patches)
+    if case == "spade:global_layer":  # Lite0 blocks.2 + blocks.3 pyramid, blocks.6 (320 channels) pooled
+        assert state["gallery"].shape[1:] == (40 + 80, 16, 16) and state["global_features"].shape[1] == 320
     metrics = evaluate_category(config, model, "fabric", show_progress=False)["metrics"]
     assert metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.9, metrics
 
 
 def test_stored_baseline_layers_must_be_in_the_store(synthetic_fabric, tmp_path):
-    with pytest.raises(ConfigError, match=r"patchcore.layers \['blocks.3'\] are not in backbone.layers"):
+    with pytest.raises(ConfigError, match=r"patchcore reads layers \['blocks.3'\] that are not in backbone.layers"):
         tiny_config(synthetic_fabric, tmp_path, {"patchcore.layers": ["blocks.3"]})
+    with pytest.raises(ConfigError, match=r"spade reads layers \['blocks.6'\] that are not in backbone.layers"):
+        tiny_config(synthetic_fabric, tmp_path, {"spade.global_layer": "blocks.6"})
+    with pytest.raises(ConfigError, match="spade.global_layer 'blocks.4' is also a pyramid layer"):
+        tiny_config(synthetic_fabric, tmp_path, {"spade.global_layer": "blocks.4",
+                                                 "spade.feature_source": "on_the_fly"})
     with pytest.raises(ConfigError, match="padim.feature_source: on_the_fly"):
         tiny_config(synthetic_fabric, tmp_path, {"padim.image_size": 256})
     tiny_config(synthetic_fabric, tmp_path, {"padim.image_size": 256, "padim.feature_source": "on_the_fly"})

@@ -6,7 +6,9 @@ the feature sources of training and the detector of inference prepare features i
 - ``coarsest``: AST family, layers concatenated on the coarsest grid;
 - ``finest``: PaDiM and SPADE, layers upsampled to the finest grid and concatenated;
 - ``patches``: PatchCore (and EfficientAD's distillation targets), each layer averaged over a 3x3
-  neighbourhood first, so that a vector describes its surroundings, then as ``finest``.
+  neighbourhood first, so that a vector describes its surroundings, then as ``finest``;
+- ``pyramid_global``: SPADE with an image-level layer: every layer but the last as ``finest``,
+  followed by the last layer's global average pool, the same at every position.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-Preparation = Literal["coarsest", "finest", "patches"]
+Preparation = Literal["coarsest", "finest", "patches", "pyramid_global"]
 
 
 def concat_layers(features: Mapping[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
@@ -51,5 +53,17 @@ def patch_features(features: Mapping[str, torch.Tensor], layers: Sequence[str]) 
     return upsample_concat(smoothed, layers)
 
 
+def pyramid_with_global(features: Mapping[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
+    """SPADE's pixel pyramid (``layers[:-1]`` on the finest grid) followed by the global average
+    pool of ``layers[-1]`` (the paper's image-level feature), broadcast over that grid."""
+    *pyramid_layers, global_layer = layers
+    if not pyramid_layers:
+        raise ValueError(f"pyramid_global needs pyramid layers before the global layer, got {list(layers)}")
+    pyramid = upsample_concat(features, pyramid_layers)
+    pooled = features[global_layer].float().mean(dim=(2, 3), keepdim=True)
+    return torch.cat([pyramid, pooled.expand(-1, -1, *pyramid.shape[-2:])], dim=1)
+
+
 PREPARATIONS: dict[str, Callable[[Mapping[str, torch.Tensor], Sequence[str]], torch.Tensor]] = {
-    "coarsest": concat_layers, "finest": upsample_concat, "patches": patch_features}
+    "coarsest": concat_layers, "finest": upsample_concat, "patches": patch_features,
+    "pyramid_global": pyramid_with_global}

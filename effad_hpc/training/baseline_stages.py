@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -39,7 +40,9 @@ from effad_hpc.training.registry import (
 from effad_hpc.training.sources import FeatureSource, open_source
 from effad_hpc.utils.device import resolve_device
 
-Fit = Callable[[ExperimentConfig, Iterable[torch.Tensor]], nn.Module]
+Fit = Callable[[ExperimentConfig, FeatureSource, Iterable[torch.Tensor]], nn.Module]
+"""``fit(config, source, training batches)``: the fitted model."""
+Inputs = Callable[[ExperimentConfig], ModelInputs]
 
 
 def _validation_score(model: nn.Module, source: FeatureSource, batch_size: int) -> float:
@@ -52,20 +55,21 @@ def _validation_score(model: nn.Module, source: FeatureSource, batch_size: int) 
     return float(torch.cat(scores).mean()) if scores else float("nan")
 
 
-def _fit_stage(name: str, preparation: Preparation, fit: Fit) -> Callable[..., StageRecord]:
+def _fit_stage(name: str, inputs_of: Inputs, fit: Fit) -> Callable[..., StageRecord]:
     def run(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
         folder, key = stage_dir(config, category, name), stage_key(config, name)
         if (done := completed_record(folder, key)) is not None:
             return done
         settings: BaselineConfig = getattr(config, name)
-        inputs = _inputs(name, preparation)(config)
+        inputs = inputs_of(config)
         device = resolve_device(config.run.device)
-        source = open_source(config, category, settings.feature_source, device, inputs.layers, preparation,
+        source = open_source(config, category, settings.feature_source, device, inputs.layers, inputs.preparation,
                              inputs.backbone, inputs.image_size)
         if source.size("train") == 0:
             raise DataError(f"{category}: the train split is empty; {name} needs good training images")
         started = time.monotonic()
-        model = fit(config, source.batches("train", range(source.size("train")), settings.batch_size)).to(device).eval()
+        batches = source.batches("train", range(source.size("train")), settings.batch_size)
+        model = fit(config, source, batches).to(device).eval()
         seconds = time.monotonic() - started
         save_state({k: v.cpu() for k, v in model.state_dict().items()}, folder / BEST_MODEL)
         return complete_stage(folder, stage=name, category=category, key=key, best_epoch=1, final_epoch=1,
@@ -75,17 +79,19 @@ def _fit_stage(name: str, preparation: Preparation, fit: Fit) -> Callable[..., S
     return run
 
 
-def _fit_patchcore(config: ExperimentConfig, batches: Iterable[torch.Tensor]) -> nn.Module:
+def _fit_patchcore(config: ExperimentConfig, _source: FeatureSource, batches: Iterable[torch.Tensor]) -> nn.Module:
     p = config.patchcore
     return PatchCore.fit(batches, p.coreset_ratio, p.projection_dim, p.num_neighbors, config.seed)
 
 
-def _fit_padim(config: ExperimentConfig, batches: Iterable[torch.Tensor]) -> nn.Module:
+def _fit_padim(config: ExperimentConfig, _source: FeatureSource, batches: Iterable[torch.Tensor]) -> nn.Module:
     return PaDiM.fit(batches, config.padim.dims, config.padim.regularization, config.seed)
 
 
-def _fit_spade(config: ExperimentConfig, batches: Iterable[torch.Tensor]) -> nn.Module:
-    return SPADE.fit(batches, config.spade.image_neighbors, config.spade.pixel_neighbors)
+def _fit_spade(config: ExperimentConfig, source: FeatureSource, batches: Iterable[torch.Tensor]) -> nn.Module:
+    s = config.spade
+    global_channels = None if s.global_layer is None else source.layer_channels[s.global_layer]
+    return SPADE.fit(batches, s.image_neighbors, s.pixel_neighbors, global_channels)
 
 
 def _build_patchcore(config: ExperimentConfig, channels: int, _map_size: int, state: dict) -> nn.Module:
@@ -104,10 +110,11 @@ def _build_spade(config: ExperimentConfig, _channels: int, _map_size: int, state
     gallery = state["gallery"]
     return build_model("spade", gallery_size=gallery.shape[0], channels=gallery.shape[1],
                        map_size=tuple(gallery.shape[-2:]), image_neighbors=config.spade.image_neighbors,
-                       pixel_neighbors=config.spade.pixel_neighbors, smoothing_sigma=config.spade.smoothing_sigma)
+                       pixel_neighbors=config.spade.pixel_neighbors, smoothing_sigma=config.spade.smoothing_sigma,
+                       global_channels=None if config.spade.global_layer is None else state["global_features"].shape[1])
 
 
-def _inputs(name: str, preparation: Preparation) -> Callable[[ExperimentConfig], ModelInputs]:
+def _inputs(name: str, preparation: Preparation) -> Inputs:
     def inputs(config: ExperimentConfig) -> ModelInputs:
         section: BaselineConfig = getattr(config, name)
         backbone = config.backbone_or_main(section.backbone)
@@ -119,9 +126,19 @@ def _inputs(name: str, preparation: Preparation) -> Callable[[ExperimentConfig],
     return inputs
 
 
-def _settings(name: str, preparation: Preparation) -> Callable[[ExperimentConfig], dict]:
+def _spade_inputs(config: ExperimentConfig) -> ModelInputs:
+    """SPADE's pixel pyramid, followed by its ``global_layer`` (prepared as ``pyramid_global``) when it names one."""
+    pyramid = _inputs("spade", "finest")(config)
+    if config.spade.global_layer is None:
+        return pyramid
+    layers = [*pyramid.layers, config.spade.global_layer]
+    return replace(pyramid, backbone=pyramid.backbone.model_copy(update={"layers": layers}), layers=tuple(layers),
+                   preparation="pyramid_global")
+
+
+def _settings(name: str, inputs_of: Inputs) -> Callable[[ExperimentConfig], dict]:
     def settings(config: ExperimentConfig) -> dict:
-        inputs = _inputs(name, preparation)(config)
+        inputs = inputs_of(config)
         values = getattr(config, name).model_dump(mode="json", exclude={"feature_source", "batch_size"})
         return values | {"backbone": inputs.backbone.identity(), "image_size": inputs.image_size,
                          "layers": list(inputs.layers)}
@@ -129,9 +146,10 @@ def _settings(name: str, preparation: Preparation) -> Callable[[ExperimentConfig
     return settings
 
 
-for _name, _preparation, _fit, _build in (("patchcore", "patches", _fit_patchcore, _build_patchcore),
-                                          ("padim", "finest", _fit_padim, _build_padim),
-                                          ("spade", "finest", _fit_spade, _build_spade)):
-    register_stage(Stage(_name, _fit_stage(_name, _preparation, _fit), _settings(_name, _preparation),
+for _name, _inputs_of, _fit, _build in (
+        ("patchcore", _inputs("patchcore", "patches"), _fit_patchcore, _build_patchcore),
+        ("padim", _inputs("padim", "finest"), _fit_padim, _build_padim),
+        ("spade", _spade_inputs, _fit_spade, _build_spade)):
+    register_stage(Stage(_name, _fit_stage(_name, _inputs_of, _fit), _settings(_name, _inputs_of),
                          uses_store=lambda config, name=_name: getattr(config, name).feature_source == "stored"))
-    register_recipe(ModelRecipe(_name, (_name,), _build, _inputs(_name, _preparation)))
+    register_recipe(ModelRecipe(_name, (_name,), _build, _inputs_of))

@@ -35,6 +35,7 @@ class FeatureSource:
     """``batches(split, order, batch_size)`` yields feature tensors on the device, in ``order``."""
 
     channels: int
+    layer_channels: dict[str, int]
     map_size: int
 
     def __init__(self, config: ExperimentConfig, device: torch.device, layers: Sequence[str] | None = None,
@@ -45,7 +46,8 @@ class FeatureSource:
 
     def _set_shape(self, layers: dict[str, tuple[int, int]]) -> None:
         """From {layer: (channels, map size)}: the prepared tensor's channels and grid side."""
-        self.channels = sum(layers[name][0] for name in self.layers)
+        self.layer_channels = {name: layers[name][0] for name in self.layers}
+        self.channels = sum(self.layer_channels.values())
         sizes = [layers[name][1] for name in self.layers]
         self.map_size = min(sizes) if self.preparation == "coarsest" else max(sizes)
 
