@@ -88,8 +88,11 @@ def map_lite0_state_dict(package_state: dict[str, torch.Tensor], model: nn.Modul
 def _hub_id(model: nn.Module, name: str) -> str:
     hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
     if not hub_id:
-        raise WeightsError(f"{name}: timm knows no Hugging Face checkpoint for it; set backbone.weights_path")
+        raise WeightsError(f"{name}: timm knows no Hugging Face checkpoint for it; set {WEIGHTS_PATH_KEYS}")
     return hub_id
+
+
+WEIGHTS_PATH_KEYS = "weights_path in its section (backbone, distillation.backbone, patchcore.backbone, ...)"
 
 
 def prefetch_command(name: str) -> str:
@@ -110,7 +113,7 @@ def cached_checkpoint(model: nn.Module, config: BackboneConfig) -> Path:
     raise WeightsError(
         f"backbone {config.name}: pretrained weights ({hub_id}) are not in {where}. Compute nodes "
         f"have no internet: stage them first with\n    {prefetch_command(config.name)}\n"
-        "or set backbone.weights_path to a state-dict file."
+        f"or set {WEIGHTS_PATH_KEYS} to a state-dict file."
     )
 
 
@@ -120,7 +123,7 @@ def load_pretrained(model: nn.Module, config: BackboneConfig) -> str:
         return "random initialisation (backbone.pretrained: false)"
     if config.weights_path is not None:
         if not config.weights_path.is_file():
-            raise WeightsError(f"backbone.weights_path {config.weights_path}: file not found")
+            raise WeightsError(f"backbone {config.name}: weights_path {config.weights_path}: file not found")
         _load_strict(model, _read_state_dict(config.weights_path), str(config.weights_path))
         return str(config.weights_path)
     if config.name == LITE0:
@@ -138,7 +141,7 @@ def prefetch(model: nn.Module, config: BackboneConfig) -> str:
         return f"{config.name}: pretrained: false, nothing to fetch"
     if config.weights_path is not None:
         if not config.weights_path.is_file():
-            raise WeightsError(f"backbone.weights_path {config.weights_path}: file not found")
+            raise WeightsError(f"backbone {config.name}: weights_path {config.weights_path}: file not found")
         return f"{config.name}: uses {config.weights_path}, nothing to fetch"
     if config.name == LITE0:
         return f"{config.name}: shipped offline in {lite0_package_file()}"
