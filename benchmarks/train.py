@@ -89,8 +89,8 @@ def main() -> None:
 
     print(f"\n{config.name}: {', '.join(categories_of(config))}, device {device}, {torch.get_num_threads()} threads; "
           f"run folder {out}")
-    header = (f"{'category':<10}{'model':<17}{'img AUROC':>10}{'px AUROC':>10}  {'stage: train s (best/final epoch)':<52}"
-              f"{'ms/img':>8}{f'train vs {models[0]}':>26}")
+    header = (f"{'category':<10}{'model':<17}{'img AUROC':>10}{'px AUROC':>10}  "
+              f"{'stage: train s (best/final epoch)':<52}{'ms/img':>8}{f'train vs {models[0]}':>26}")
     print(header)
     print("-" * len(header))
     reference = {r["category"]: r["train_s"] for r in rows if r["model"] == models[0]}

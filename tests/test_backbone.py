@@ -32,7 +32,8 @@ def test_lite0_offline_weights_classify_a_real_photo():
 
 def test_extractor_is_frozen_and_reports_its_layers():
     backbone = build_backbone(BackboneConfig(layers=["blocks.2", "blocks.4"]))
-    assert [(l.name, l.channels, l.stride) for l in backbone.layers] == [("blocks.2", 40, 8), ("blocks.4", 112, 16)]
+    shapes = [(layer.name, layer.channels, layer.stride) for layer in backbone.layers]
+    assert shapes == [("blocks.2", 40, 8), ("blocks.4", 112, 16)]
     extractor = backbone.extractor
     extractor.train()
     assert not extractor.training and not any(m.training for m in extractor.modules())

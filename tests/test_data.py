@@ -94,12 +94,14 @@ def test_generator_is_deterministic_and_seeded(tmp_path):
     other = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes() for f in files]
     assert all(same) and not any(other)
     # normal images vary naturally: no two training images are alike
-    train = [np.asarray(Image.open(p), dtype=np.float32) for p in sorted((tmp_path / "a" / "wood" / "train" / "good").glob("*.png"))]
+    good = sorted((tmp_path / "a" / "wood" / "train" / "good").glob("*.png"))
+    train = [np.asarray(Image.open(p), dtype=np.float32) for p in good]
     assert min(np.abs(a - b).mean() for i, a in enumerate(train) for b in train[i + 1:]) > 2.0
 
 
 def test_every_ad_category_generates(tmp_path):
-    generate("ad", tmp_path, None, SMALL.model_copy(update={"num_train": 2, "num_test_good": 1, "num_test_per_defect": 1}))
+    generate("ad", tmp_path, None,
+             SMALL.model_copy(update={"num_train": 2, "num_test_good": 1, "num_test_per_defect": 1}))
     for name in AD_CATEGORIES:
         data = read_category(tmp_path / name, "mvtec_ad")
         assert any(s.label for s in data.samples("test"))

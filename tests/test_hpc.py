@@ -89,7 +89,8 @@ def test_pipeline_on_slurm_cancel_and_rerun_only_what_is_missing(slurm_cluster, 
     subprocess.run(["scancel", jobs["washer/student_ae"]], check=True)
 
     states = _wait_until_idle(config)
-    assert all(states[("fabric", n)] == "DONE" for n in ("extract", "teacher", "student_ae", "evaluate:efficientad_ast"))
+    stages = ("extract", "teacher", "student_ae", "evaluate:efficientad_ast")
+    assert all(states[("fabric", n)] == "DONE" for n in stages)
     assert states[("washer", "teacher")] == "DONE"
     assert states[("washer", "student_ae")] == states[("washer", "evaluate:efficientad_ast")] == "CANCELLED"
     accounting = _settled_sacct_states(list(jobs.values()))
@@ -108,7 +109,8 @@ def test_pipeline_on_slurm_cancel_and_rerun_only_what_is_missing(slurm_cluster, 
         "washer/evaluate:efficientad_ast", "washer/student_ae"]
     assert len(second["complete"]) == 6
     for category in ("fabric", "washer"):
-        metrics = json.loads((config.run.out_dir / "efficientad_ast" / "results" / category / "metrics.json").read_text())
+        results = config.run.out_dir / "efficientad_ast" / "results" / category
+        metrics = json.loads((results / "metrics.json").read_text())
         assert 0 <= metrics["metrics"]["image_auroc"] <= 1
 
 

@@ -33,7 +33,8 @@ def backbone_reference(config, category, split):
     for shard in range(config.features.shards):
         lo, hi = shard_bounds(len(samples), shard, config.features.shards)
         for start in range(lo, hi, config.features.batch_size):
-            images = torch.stack([dataset[i]["image"] for i in range(start, min(hi, start + config.features.batch_size))])
+            stop = min(hi, start + config.features.batch_size)
+            images = torch.stack([dataset[i]["image"] for i in range(start, stop)])
             with torch.no_grad():
                 outputs.append({k: v.numpy() for k, v in extractor(images).items()})
     return {layer: np.concatenate([o[layer] for o in outputs]) for layer in config.backbone.layers}, samples

@@ -103,9 +103,10 @@ def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, 
         size = config.data.image_size
         meta = {"backbone": config.backbone.name, "weights": backbone.weights_source, "image_size": size,
                 "dtype": config.features.dtype,
-                "layers": [{"name": l.name, "channels": l.channels, "stride": l.stride, "map_size": l.map_size(size)}
-                           for l in backbone.layers]}
-        shapes = {l.name: (l.channels, l.map_size(size), l.map_size(size)) for l in backbone.layers}
+                "layers": [{"name": layer.name, "channels": layer.channels, "stride": layer.stride,
+                            "map_size": layer.map_size(size)} for layer in backbone.layers]}
+        shapes = {layer.name: (layer.channels, layer.map_size(size), layer.map_size(size))
+                  for layer in backbone.layers}
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, disable=not show_progress) as progress:
             for split, index, name in todo:

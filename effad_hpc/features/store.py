@@ -262,7 +262,8 @@ class FeatureStream(IterableDataset):
                 hi = min(lo + self.batch_size, shards.counts[shard])
                 first = shards.offsets[shard]
                 yield {
-                    "features": {layer: _to_tensor(handle[f"features/{layer}"][lo:hi]) for layer in self.dataset.layers},
+                    "features": {layer: _to_tensor(handle[f"features/{layer}"][lo:hi])
+                                 for layer in self.dataset.layers},
                     "index": torch.arange(first + lo, first + hi),
                     "label": torch.from_numpy(self.dataset.labels[first + lo:first + hi]),
                 }

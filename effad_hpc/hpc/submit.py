@@ -131,7 +131,8 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
         _submit_slurm(config, raw, pending, profile, logs, submission)
     elif pending:
         cpus = profile.for_stage("chain").cpus_per_task
-        workers = len(pending) if executor == "debug" else max(1, min(len(pending), len(os.sched_getaffinity(0)) // cpus))
+        cores = len(os.sched_getaffinity(0))
+        workers = len(pending) if executor == "debug" else max(1, min(len(pending), cores // cpus))
         for worker in range(workers):
             nodes = list(dict.fromkeys(node for _, todo in pending[worker::workers] for node in todo))
             upstream = {node: ups for graph, _ in pending for node, ups in graph.items() if node in nodes}

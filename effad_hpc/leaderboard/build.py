@@ -222,7 +222,8 @@ def write_leaderboard(board: Leaderboard, out: Path) -> list[Path]:
     out = Path(out)
     row_columns = _columns(board.rows, IDENTITY)
     ordered = ["dataset", "model", "source", "categories", *SUMMARY_METRICS,
-               *[f"{kind}_{metric}" for kind in ("texture", "object") for metric in SPLIT_METRICS], "train_seconds_total"]
+               *[f"{kind}_{metric}" for kind in ("texture", "object") for metric in SPLIT_METRICS],
+               "train_seconds_total"]
     summary_columns = [c for c in ordered if any(entry.get(c) is not None for entry in board.summary)]
     written = [out / "leaderboard.csv", out / "leaderboard_summary.csv", out / "leaderboard.md"]
     atomic_write_text(written[0], _csv(board.rows, row_columns))

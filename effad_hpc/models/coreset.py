@@ -15,9 +15,9 @@ greedy result on the projected features, but skips most of the work with the tri
 - a center c can only lower the distance of a member of block b if
   ||c - pivot_b|| - radius_b < the block's bound (triangle inequality); other centers are skipped.
 
-The result is exactly the greedy sequence on the projected features. Memory: the projected features (n x projection_dim float32), one
-permuted copy for contiguous blocks, and O(n) bookkeeping; the input is read in chunks and may be
-float16.
+The result is exactly the greedy sequence on the projected features. Memory: the projected
+features (n x projection_dim float32), one permuted copy for contiguous blocks, and O(n)
+bookkeeping; the input is read in chunks and may be float16.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ class FlowTeacher(nn.Module):
                 self.flow.append(
                     GLOWCouplingBlock, cond=0, cond_shape=(condition_channels, map_size, map_size), clamp=clamp,
                     clamp_activation=SoftClamp(clamp),
-                    subnet_constructor=lambda c_in, c_out, k=kernel_size: CouplingSubnet(c_in, c_out, hidden_channels, k))
+                    subnet_constructor=lambda c_in, c_out, k=kernel_size: CouplingSubnet(c_in, c_out,
+                                                                                         hidden_channels, k))
         finally:
             np.random.set_state(numpy_state)
 

@@ -1,8 +1,9 @@
 """EfficientAD's Patch Description Networks (Batzner et al., WACV 2024; SPEC section 1).
 
 A PDN maps an image to 384-channel descriptors of 33x33 patches (PDN-M is deeper and wider).
-Without padding (training and inference), a 256 px image gives a 56x56 grid. With padding (used only while distilling the teacher from a pretrained
-backbone), a 256 px image gives a 64x64 grid, the grid of WideResNet's layer2 at 512 px.
+Without padding (training and inference), a 256 px image gives a 56x56 grid. With padding (used
+only while distilling the teacher from a pretrained backbone), a 256 px image gives a 64x64 grid,
+the grid of WideResNet's layer2 at 512 px.
 
 Layer names follow the widely shared convention (``conv1``..``conv4`` for S, ``conv1``..``conv6``
 for M), so a teacher state dict from elsewhere (e.g. anomalib's pretrained teachers) loads.

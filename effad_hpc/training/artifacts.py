@@ -54,7 +54,8 @@ def load_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc}); delete it to train this stage again") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc}); "
+                              "delete it to train this stage again") from None
 
 
 @dataclass(frozen=True)

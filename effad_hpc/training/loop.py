@@ -196,8 +196,8 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
             save_training_state(last, run.key, run.model, optimizer, scheduler, scaler, device, {
                 "epoch": epoch, "history": history, "elapsed": elapsed, "best_value": best_value,
                 "best_epoch": best_epoch, "resumed_at_epochs": resumed})
-            progress.update(epochs_task, completed=epoch,
-                            description=f"{run.category} {run.stage} epochs (validation {best_value:.4g} @ {best_epoch})")
+            description = f"{run.category} {run.stage} epochs (validation {best_value:.4g} @ {best_epoch})"
+            progress.update(epochs_task, completed=epoch, description=description)
 
     return complete_stage(folder, stage=run.stage, category=run.category, key=run.key, best_epoch=best_epoch,
                           final_epoch=epoch, best_validation=best_value, stopped_early=stopped_early,

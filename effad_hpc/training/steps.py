@@ -4,8 +4,9 @@ EfficientAD trains for a number of optimizer steps (70,000 at batch 1 in the pap
 epochs. Every ``checkpoint_every`` steps the loop writes a log row (mean training losses since
 the last row, the validation loss when the stage has one, the learning rate) and the full
 training state atomically (the log's ``lr`` is the rate of the row's last step); a rerun or a
-requeued job resumes there and ends exactly as an uninterrupted run would: step ``i`` draws its images and augmentations from a generator
-seeded by (seed, stage, i), and the global RNG (dropout) is restored from the checkpoint. The
+requeued job resumes there and ends exactly as an uninterrupted run would: step ``i`` draws its
+images and augmentations from a generator seeded by (seed, stage, i), and the global RNG
+(dropout) is restored from the checkpoint. The
 model of the last step is the result (the paper selects nothing; neither do we, and never on
 test data). ``finish`` runs once after the last step, before ``model.pt`` is written (e.g. map
 normalization on validation images).

@@ -167,7 +167,8 @@ def tray_layout(rng: Rng) -> Layout:
 
 def pin_layout(rng: Rng) -> Layout:
     radius = 0.055
-    parts = [Part("pin", colour, radius * rng.uniform(0.97, 1.03), x + rng.normal(0, 0.004), PIN_Y + rng.normal(0, 0.006))
+    parts = [Part("pin", colour, radius * rng.uniform(0.97, 1.03), x + rng.normal(0, 0.004),
+                  PIN_Y + rng.normal(0, 0.006))
              for x, colour in zip(PIN_XS, PIN_COLOURS)]
     return Layout(parts, [])
 
@@ -273,7 +274,8 @@ LOCO_CATEGORIES: dict[str, LocoCategory] = {
 }
 
 
-def _render(category: LocoCategory, layout: Layout, rng: Rng, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _render(category: LocoCategory, layout: Layout, rng: Rng, width: int,
+            height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scene as a float image, plus the masks of all parts and of the scene's work area."""
     background, area = category.background(rng, width, height)
     big = background.resize((width * SUPERSAMPLE, height * SUPERSAMPLE), Image.Resampling.NEAREST)
@@ -338,5 +340,6 @@ def write_category(out: Path, name: str, rng_for: Callable[..., Rng], size: int,
                 stem = f"{index:03d}"
                 save_png(to_pil(apply_lighting(image, rng)), out / "test" / kind / f"{stem}.png")
                 for r, (defect_name, mask) in enumerate(regions):
-                    save_png(mask_to_pil(mask, value_of[defect_name]), out / "ground_truth" / kind / stem / f"{r:03d}.png")
+                    save_png(mask_to_pil(mask, value_of[defect_name]),
+                             out / "ground_truth" / kind / stem / f"{r:03d}.png")
                 index += 1
