@@ -14,6 +14,7 @@ random weights are used only when the config says ``pretrained: false``.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -26,14 +27,31 @@ LITE0 = "tf_efficientnet_lite0"
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 
 
+SAVE_STATE_DICT = "save one with torch.save(model.state_dict(), path)"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise WeightsError(f"{path}: unreadable or truncated safetensors file ({exc})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. running the file's code; we never do.
+        raise WeightsError(f"{path}: not a weights-only state dict (a pickled module or optimizer, or not a "
+                           f"PyTorch file at all); {SAVE_STATE_DICT}") from None
+    except (RuntimeError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"{path}: unreadable or truncated PyTorch file ({reason})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict; {SAVE_STATE_DICT}")
     return state
 
 
