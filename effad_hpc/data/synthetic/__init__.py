@@ -10,13 +10,13 @@ from __future__ import annotations
 import shutil
 import zlib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
 from effad_hpc.config import SyntheticConfig
 from effad_hpc.data.synthetic import ad, loco
-from effad_hpc.errors import ConfigError
+from effad_hpc.errors import ConfigError, DataError
 from effad_hpc.utils.atomic import TEMP_MARK
 
 AD_CATEGORIES = tuple(ad.AD_CATEGORIES)
@@ -29,23 +29,44 @@ def _rng_factory(seed: int, category: str):
     return rng_for
 
 
-def generate(layout: Literal["ad", "loco"], out: Path, categories: list[str] | None = None,
-             options: SyntheticConfig = SyntheticConfig()) -> list[str]:
-    """Write the categories (default: all of the layout) under ``out``; return their names.
+class Generated(NamedTuple):
+    """What :func:`generate` did with each category it was asked for."""
 
-    Categories already complete under ``out`` are left as they are.
+    written: list[str]
+    present: list[str]
+    """Already complete under ``out``, or finished first by a concurrent job: left unchanged."""
+
+
+def generate(layout: Literal["ad", "loco"], out: Path, categories: list[str] | None = None,
+             options: SyntheticConfig = SyntheticConfig()) -> Generated:
+    """Write the categories (default: all of the layout) under ``out``.
+
+    Categories already complete under ``out`` are left as they are; the result says which.
     """
     known = AD_CATEGORIES if layout == "ad" else LOCO_CATEGORIES
-    names = list(categories) if categories else list(known)
+    names = list(dict.fromkeys(categories)) if categories else list(known)  # each once, in the order given
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise ConfigError(f"unknown synthetic {layout} categories {unknown}; choose from {list(known)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # mkdir's error names only ``out``; name what is in the way, which may be a folder above it
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is None:
+            reason = exc.strerror
+        else:
+            reason = "it is not a folder" if blocker == out else f"{blocker} is not a folder"
+        raise DataError(f"{out}: cannot create the data set folder ({reason})") from None
+    written, present = [], []
     for name in names:
         final = out / name
-        if final.exists():
+        if final.is_dir():
+            present.append(name)
             continue
+        if final.exists():
+            raise DataError(f"{final}: not a folder, in the way of synthetic category {name!r}")
         staging = out / f".{name}{TEMP_MARK}{np.random.default_rng().integers(1 << 30)}"
         try:
             rng_for = _rng_factory(options.seed, name)
@@ -60,6 +81,9 @@ def generate(layout: Literal["ad", "loco"], out: Path, categories: list[str] | N
             except OSError:
                 if not final.is_dir():  # else a concurrent job finished the same category first
                     raise
+                present.append(name)
+            else:
+                written.append(name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return names
+    return Generated(written, present)

@@ -14,6 +14,7 @@ from effad_hpc.data.synthetic.render import (
     Rng,
     apply_lighting,
     coordinates,
+    draw_visible,
     missing_piece,
     mask_to_pil,
     save_png,
@@ -127,7 +128,7 @@ AD_CATEGORIES: dict[str, AdCategory] = {
 
 def _render_defect(name: str, image: np.ndarray, rng: Rng, allowed: np.ndarray, background: np.ndarray) -> np.ndarray:
     draw = partial(missing_piece, background=background) if name == "missing_piece" else STRUCTURAL_DEFECTS[name]
-    return draw(image, rng, allowed)
+    return draw_visible(draw, image, rng, allowed)
 
 
 def write_category(out: Path, name: str, rng_for: Callable[..., Rng], size: int,

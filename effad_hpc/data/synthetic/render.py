@@ -184,3 +184,18 @@ STRUCTURAL_DEFECTS: dict[str, DefectFn] = {
     "stain": stain,
     "contamination": contamination,
 }
+
+DEFECT_ATTEMPTS = 100  # from 32 pixels up, a few percent of the draws change no pixel: all 100 never do
+
+
+def draw_visible(draw: DefectFn, image: np.ndarray, rng: Rng, allowed: np.ndarray) -> np.ndarray:
+    """Draw a defect, drawing again while it changes no pixel, so every defective image has a
+    non-empty mask: a clump of specks started on the border can fall outside the image, and on
+    small images specks can miss every pixel centre. A defect that changes no pixel leaves the
+    image as it was, and one that shows at once is drawn as it always was."""
+    for _ in range(DEFECT_ATTEMPTS):
+        mask = draw(image, rng, allowed)
+        if mask.any():
+            return mask
+    raise RuntimeError(f"synthetic defect {getattr(draw, '__name__', draw)!r} changed no pixel in "
+                       f"{DEFECT_ATTEMPTS} attempts")
