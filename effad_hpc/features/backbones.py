@@ -10,6 +10,8 @@ are read off the same probe and cross-checked with timm's ``feature_info`` where
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import timm
@@ -95,6 +97,27 @@ def _probe(extractor: FeatureExtractor, name: str) -> list[FeatureLayer]:
                                f"{listed[layer]['num_chs']} / {listed[layer]['reduction']}")
         layers.append(FeatureLayer(layer, channels, stride))
     return layers
+
+
+MIN_GRID = 3
+"""Cells per side the deepest layer must give: a 1x1 or 2x2 grid is no anomaly map."""
+
+
+def check_input_size(layers: Sequence[FeatureLayer], image_size: int, key: str) -> None:
+    """Raise a ConfigError naming ``key`` when ``image_size`` is not a multiple of every layer's stride
+    (the backbone would pad the border silently) or leaves the deepest layer a grid under 3x3."""
+    deepest = max(layers, key=lambda layer: layer.stride)
+    step = math.lcm(*(layer.stride for layer in layers))
+    smallest = -(-MIN_GRID * deepest.stride // step) * step  # the smallest size that passes both checks
+    if image_size % step:
+        layer = max((layer for layer in layers if image_size % layer.stride), key=lambda layer: layer.stride)
+        below, above = image_size // step * step, (image_size // step + 1) * step
+        use = f"{below} or {above}" if below >= smallest else f"{max(above, smallest)}"
+        raise ConfigError(f"{key} {image_size}: not a multiple of {layer.stride}, the stride of layer {layer.name} "
+                          f"(use {use})")
+    if (grid := deepest.map_size(image_size)) < MIN_GRID:
+        raise ConfigError(f"{key} {image_size}: layer {deepest.name} (stride {deepest.stride}) gives a {grid}x{grid} "
+                          f"grid; need at least {MIN_GRID}x{MIN_GRID} (use >= {smallest})")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Annotated
 import yaml
 from pydantic import Field, ValidationError
 
-from effad_hpc.config import Section, YamlLoader, format_errors
+from effad_hpc.config import DuplicateKeyError, Section, YamlLoader, format_errors
 from effad_hpc.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -54,6 +54,8 @@ def load_profile(path: Path | None) -> ClusterProfile:
         raw = yaml.load(Path(path).read_text(), Loader=YamlLoader) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read cluster profile ({exc.strerror})") from None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     try:

@@ -43,7 +43,29 @@ class LeaderboardError(EffadError):
 
 
 class MetricsWarning(UserWarning):
-    """A metrics.json that was skipped (malformed or partial); the other rows are still produced."""
+    """A metrics.json that was skipped (malformed, partial or with an impossible value); the other rows are still
+    produced."""
+
+
+UNIT_INTERVAL_PARTS = ("auroc", "au_pro", "au_spro", "f1", "precision", "recall", "auc")
+"""Metric names containing one of these are areas under curves or rates: in [0, 1]."""
+NON_NEGATIVE_PARTS = ("seconds", "latency", "throughput", "epoch")
+"""Metric names containing one of these are times, speeds or epoch counts: >= 0."""
+
+
+def _metric_problem(name: str, value: object) -> str | None:
+    """Why ``value`` cannot be the metric ``name`` (None: it can); thresholds may be any finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"not a number ({type(value).__name__})"
+    if not math.isfinite(value):
+        return "not finite"
+    if any(part in name for part in UNIT_INTERVAL_PARTS):
+        return None if 0 <= value <= 1 else "outside [0, 1]"
+    if any(part in name for part in NON_NEGATIVE_PARTS):
+        return None if value >= 0 else "negative"
+    return None
 
 
 def category_type(layout: str | None, category: str) -> str:
@@ -63,6 +85,10 @@ def _measured_row(path: Path) -> dict | None:
         warnings.warn(f"{path}: skipped, partial metrics.json (missing {', '.join(missing) or 'metrics'})",
                       MetricsWarning, stacklevel=2)
         return None
+    for name, value in data["metrics"].items():
+        if (problem := _metric_problem(name, value)) is not None:
+            warnings.warn(f"{path}: skipped, metric {name} = {value!r}: {problem}", MetricsWarning, stacklevel=2)
+            return None
     run_dir = path.parents[3]  # <run>/<model>/results/<category>/metrics.json
     training = data.get("training") or {}
     final = list(training.values())[-1] if training else {}
