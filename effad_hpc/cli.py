@@ -34,23 +34,38 @@ def _load(args: argparse.Namespace):
 
 def cmd_config(args: argparse.Namespace) -> int:
     from effad_hpc.config import config_hash, to_yaml
+    from effad_hpc.training import recipe
 
     config = _load(args)
+    for model in config.models:  # as `train` would: a config that prints must also run
+        recipe(model)
     print(f"# config hash: {config_hash(config)}")
     print(to_yaml(config), end="")
     return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from effad_hpc.config import SyntheticConfig
     from effad_hpc.data.synthetic import generate
+    from effad_hpc.errors import ConfigError
 
-    options = SyntheticConfig(seed=args.seed, size=args.size, num_train=args.num_train,
-                              num_validation=args.num_validation, num_test_good=args.num_test_good,
-                              num_test_per_defect=args.num_test_per_defect)
-    names = generate(args.layout, args.out, args.categories, options)
-    layout = "MVTec AD" if args.layout == "ad" else "MVTec LOCO AD"
-    print(f"{layout} layout, categories {', '.join(names)}: {args.out.resolve()}")
+    try:
+        options = SyntheticConfig(seed=args.seed, size=args.size, num_train=args.num_train,
+                                  num_validation=args.num_validation, num_test_good=args.num_test_good,
+                                  num_test_per_defect=args.num_test_per_defect)
+    except ValidationError as exc:  # each field is an option of the same name: name it as the user typed it
+        raise ConfigError("; ".join(f"--{item['loc'][0].replace('_', '-')} {item['input']}: "
+                                    f"{item['msg'].replace('Input should be', 'must be')}"
+                                    for item in exc.errors())) from None
+    result = generate(args.layout, args.out, args.categories, options)
+    out = args.out.resolve()
+    for name in result.present:
+        print(f"{name}: already present, left unchanged: {out / name}")
+    if result.written:
+        layout = "MVTec AD" if args.layout == "ad" else "MVTec LOCO AD"
+        print(f"{layout} layout, wrote categories {', '.join(result.written)}: {out}")
     return 0
 
 
@@ -72,12 +87,19 @@ def _models_and_categories(args: argparse.Namespace, config) -> tuple[list[str],
     """``--model`` (default: the config's models, each checked before any work starts) and
     ``--category`` (default: every category of the config)."""
     from effad_hpc.data import categories_of
+    from effad_hpc.errors import ConfigError
     from effad_hpc.training import recipe
 
     models = args.model or list(config.models)
     for model in models:
         recipe(model)
-    return models, [args.category] if args.category else categories_of(config)
+    categories = categories_of(config)
+    if args.category is None:
+        return models, categories
+    if args.category not in categories:
+        raise ConfigError(f"--category {args.category!r}: not a category of {config.data.root} "
+                          f"(the config's: {', '.join(categories)})")
+    return models, [args.category]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -156,9 +178,11 @@ def _write_run_leaderboard(run_dir: Path, console) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from effad_hpc.hpc.status import load_run_config, make_console, run_states, state_table, summary, watch
 
-    config = load_run_config(args.run_dir)
+    config, note = load_run_config(args.run_dir)
     models = list(config.models)
     console = make_console()
+    if note:
+        console.print(f"note: {note}")
     if args.watch:
         states = watch(config, models, args.poll, console)
     else:
@@ -281,3 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     except EffadError as exc:
         print(f"effad-hpc: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (a read-only folder, a path below a file, a full disk)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"effad-hpc: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # checkpoints are written atomically: a rerun resumes from the last one
+        print("effad-hpc: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from effad_hpc.errors import ConfigError
 from effad_hpc.utils.atomic import atomic_write_text
@@ -47,13 +48,26 @@ class SyntheticConfig(Section):
     """Generate ``data.root`` with the synthetic generator when it does not exist yet."""
 
     seed: int = 0
-    size: PositiveInt = 128
-    """Height of the generated images in pixels (LOCO scenes are wider than high)."""
+    size: Annotated[int, Field(ge=32)] = 128
+    """Height of the generated images in pixels (LOCO scenes are wider than high); at least 32, as
+    on smaller images the smallest holes and pins can miss every pixel and leave a defect unseen."""
     num_train: PositiveInt = 40
     num_validation: PositiveInt = 10
     """Images in LOCO's validation/good (MVTec AD layouts draw validation from train)."""
     num_test_good: PositiveInt = 10
     num_test_per_defect: PositiveInt = 4
+
+
+def _distinct_categories(categories: list[str]) -> list[str]:
+    # Custom errors, not Field(min_length=1): pydantic's "List should have at least 1 item" does not say that
+    # leaving the key out is how to ask for every category.
+    if not categories:
+        raise PydanticCustomError("empty_categories", "empty list; leave it out (null) for every category")
+    repeated = sorted({name for name in categories if categories.count(name) > 1})
+    if repeated:
+        raise PydanticCustomError("duplicate_categories", "{names} listed more than once",
+                                  {"names": ", ".join(map(repr, repeated))})
+    return categories
 
 
 class DataConfig(Section):
@@ -64,8 +78,8 @@ class DataConfig(Section):
     """``mvtec_ad`` also reads any folder in the MVTec AD layout."""
     root: ConfigPath
     """Folder that holds one sub-folder per category."""
-    categories: list[str] | None = None
-    """Categories to use; ``null`` means every category folder under ``root``."""
+    categories: Annotated[list[str], AfterValidator(_distinct_categories)] | None = None
+    """Categories to use, each once; ``null`` means every category folder under ``root``."""
     image_size: PositiveInt = 256
     """Images are resized to image_size x image_size before the backbone."""
     validation_fraction: Fraction = 0.1
@@ -376,8 +390,43 @@ class ExperimentConfig(Section):
 # --- loading -------------------------------------------------------------------------------
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names a key twice; plain YAML would silently keep the last value."""
+
+
+def _section_name(path: list[str]) -> str:
+    return f"in section {'.'.join(path)}".replace(".[", "[") if path else "at the top level"
+
+
 class YamlLoader(yaml.SafeLoader):
-    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``, users write both)."""
+    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``, users write both) and
+    rejects a key given twice in one mapping (:class:`DuplicateKeyError`)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # The whole node tree is checked before construction: only here is each mapping's dotted path known.
+        self._check_duplicate_keys(node, [], set())
+        return super().construct_document(node)
+
+    def _check_duplicate_keys(self, node: yaml.Node, path: list[str], seen: set[int]) -> None:
+        if id(node) in seen:  # an alias to a node already checked (or a recursive one)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._check_duplicate_keys(item, [*path, f"[{index}]"], seen)
+        elif isinstance(node, yaml.MappingNode):
+            first_lines: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: explicit keys override merged ones
+                    continue
+                if isinstance(key_node, yaml.ScalarNode):  # compared as constructed: `1` and `0x1` are one key
+                    key = self.construct_object(key_node)
+                    line = key_node.start_mark.line + 1
+                    if key in first_lines:
+                        raise DuplicateKeyError(f"line {line}: duplicate key {key!r} {_section_name(path)} "
+                                                f"(first at line {first_lines[key]})")
+                    first_lines[key] = line
+                self._check_duplicate_keys(value_node, [*path, str(key_node.value)], seen)
 
 
 YamlLoader.add_implicit_resolver(
@@ -443,6 +492,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
     try:
         raw = yaml.load(text, Loader=YamlLoader)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return parse_config(raw if raw is not None else {}, str(path), overrides)
@@ -466,10 +517,31 @@ def to_yaml(config: ExperimentConfig) -> str:
 
 
 CONFIG_FILENAME = "config.yaml"
+HASH_LINE = "# config hash: "
 
 
 def write_resolved_config(config: ExperimentConfig, folder: Path) -> str:
     """Write the resolved config to ``folder/config.yaml`` (hash in its first line); return the hash."""
     digest = config_hash(config)
-    atomic_write_text(Path(folder) / CONFIG_FILENAME, f"# config hash: {digest}\n{to_yaml(config)}")
+    atomic_write_text(Path(folder) / CONFIG_FILENAME, f"{HASH_LINE}{digest}\n{to_yaml(config)}")
     return digest
+
+
+def load_resolved_config(folder: Path) -> ExperimentConfig:
+    """The config a run wrote into ``folder``, checked against the hash in its first line (a
+    truncated or edited file is an error, not a config filled up with defaults)."""
+    path = Path(folder) / CONFIG_FILENAME
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no {CONFIG_FILENAME}; is this a run folder (run.out_dir)?")
+    try:
+        first_line = path.read_text().partition("\n")[0]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the run's config ({exc})") from None
+    if not first_line.startswith(HASH_LINE):
+        raise ConfigError(f"{path}: first line is not '{HASH_LINE}...': not a config written by a run")
+    config = load_config(path)
+    written, actual = first_line.removeprefix(HASH_LINE).strip(), config_hash(config)
+    if written != actual:
+        raise ConfigError(f"{path}: content does not match the hash in its first line ({written}, content {actual}): "
+                          "the file is truncated or was edited")
+    return config

@@ -31,3 +31,7 @@ class CheckpointError(EffadError):
 
 class TrainingError(EffadError):
     """Training cannot go on, e.g. a loss became NaN or infinite."""
+
+
+class StorageError(EffadError):
+    """An output cannot be written: a read-only or full file system, a path below a regular file."""

@@ -138,6 +138,44 @@ def test_shared_distillation_is_one_slurm_job_that_every_category_waits_for(slur
 
 
 @pytest.mark.slurm
+def test_rerun_after_a_failed_distillation_trains_efficientad_s_for_every_category(slurm_cluster, synthetic_ad,
+                                                                                   tmp_path):
+    """The distillation (the `_shared` node) fails, its dependents are cancelled; the rerun, whose
+    first pending node is the shared one, must still build every array for the real categories."""
+    images = tmp_path / "distillation_images"
+    images.mkdir()
+    sources = sorted(synthetic_ad.glob("*/train/good/*.png"))[:4]
+    for index, source in enumerate(sources):
+        shutil.copy(source, images / f"{index}.png")
+    broken = images / "3.png"
+    broken.write_bytes(b"not a png")
+    path = _write_config(tmp_path, synthetic_ad, "distill_fails", models=["efficientad_s"],
+                         efficientad={"image_size": 64, "steps": 2, "checkpoint_every": 2},
+                         distillation={"images": str(images), "pattern": "*.png", "steps": 2, "batch_size": 2,
+                                       "normalization_images": 4, "backbone_image_size": 128,
+                                       "backbone": {"name": "tf_efficientnet_lite0", "layers": ["blocks.2"]}})
+    config = load_config(path)
+    command = ("jobs/run_all.py", "--config", path, "--executor", "slurm", "--profile", "slurm/profiles/local.yaml",
+               "--poll", "2")
+    first = _run(*command)
+    assert first.returncode == 1, first.stdout + first.stderr
+    states = {(s.node.category, s.node.name): s.state for s in run_states(config)}
+    assert states[("_shared", "distill_s")] == "FAILED"
+    assert all(state != "DONE" for node, state in states.items())
+
+    shutil.copy(sources[3], broken)
+    rerun = _run(*command)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    second = read_submissions(config.run.out_dir)[-1]
+    submitted = sorted(node for job in second["jobs"] for node in job["nodes"])
+    assert submitted == ["_shared/distill_s", "fabric/efficientad_s", "fabric/evaluate:efficientad_s",
+                         "washer/efficientad_s", "washer/evaluate:efficientad_s"]
+    assert set(_wait_until_idle(config).values()) == {"DONE"}
+    for category in ("fabric", "washer"):
+        assert (config.run.out_dir / "efficientad_s" / "results" / category / "metrics.json").is_file()
+
+
+@pytest.mark.slurm
 def test_requeued_stage_resumes_from_its_checkpoint(slurm_cluster, synthetic_ad, tmp_path):
     path = _write_config(tmp_path, synthetic_ad, "requeue", categories=("fabric",))
     config = load_config(path, ["student.epochs=40", "student.hidden_channels=64", "student.residual_blocks=2",

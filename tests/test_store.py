@@ -15,7 +15,8 @@ from effad_hpc.config import SyntheticConfig
 from effad_hpc.data import ImageDataset, load_category
 from effad_hpc.data.synthetic import generate
 from effad_hpc.errors import ConfigError, StoreError
-from effad_hpc.features import FeatureDataset, build_backbone, extract_category, feature_key, read_manifest, store_dir
+from effad_hpc.features import FeatureDataset, build_backbone, extract_category, read_manifest, store_dir
+from effad_hpc.features.extract import split_keys
 from effad_hpc.features.store import shard_bounds
 
 
@@ -46,7 +47,7 @@ def test_store_returns_exactly_the_backbone_output(make_config):
     assert result.manifest_written and len(result.written) == 6  # 3 splits x 2 shards
     for split in ("train", "validation", "test"):
         expected, samples = backbone_reference(config, "washer", split)
-        dataset = FeatureDataset(result.store, split, expected_key=feature_key(config))
+        dataset = FeatureDataset(result.store, split, expected_key=split_keys(config, "washer")[split])
         assert len(dataset) == len(samples)
         assert dataset.sample_ids == [s.sample_id for s in samples]
         assert dataset.labels.tolist() == [s.label for s in samples]
@@ -94,7 +95,7 @@ def test_changed_config_redoes_the_store_and_reader_checks_the_key(make_config):
     store = extract_category(config, "grid", show_progress=False).store
     _, other = make_config({"data.image_size": 96})
     with pytest.raises(StoreError, match="extracted with another config"):
-        FeatureDataset(store, "train", expected_key=feature_key(other))
+        FeatureDataset(store, "train", expected_key=split_keys(other, "grid")["train"])
     assert len(extract_category(other, "grid", show_progress=False).written) == 6
 
 
@@ -171,7 +172,7 @@ def test_killed_extraction_then_rerun_ends_with_the_right_shards(tmp_path, make_
 
     for split in ("train", "validation", "test"):
         expected, samples = backbone_reference(config, "washer", split)
-        dataset = FeatureDataset(store, split, expected_key=feature_key(config))
+        dataset = FeatureDataset(store, split, expected_key=split_keys(config, "washer")[split])
         stored = np.stack([dataset[i]["features"]["blocks.4"].numpy() for i in range(len(dataset))])
         assert dataset.sample_ids == [s.sample_id for s in samples]
         np.testing.assert_array_equal(stored, expected["blocks.4"])

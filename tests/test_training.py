@@ -73,7 +73,7 @@ def test_moving_the_weights_cache_keeps_every_stage_key(synthetic_fabric, tmp_pa
             "patchcore": {"backbone": {"name": "wide_resnet50_2", "layers": ["layer2"]},
                           "feature_source": "on_the_fly"},
             "distillation": {"images": str(synthetic_fabric)}} | changes)
-        return {"features": feature_key(config)} | {name: stage_key(config, name)
+        return {"features": feature_key(config)} | {name: stage_key(config, name, "fabric")
                                                       for name in ("teacher", "patchcore", "padim", "distill_s")}
 
     plain = keys({})

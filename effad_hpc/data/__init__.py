@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from effad_hpc.config import ExperimentConfig
+from effad_hpc.config import ExperimentConfig, stable_hash
 from effad_hpc.data.dataset import ImageDataset, resize_image
+from effad_hpc.data.fingerprint import split_fingerprints
 from effad_hpc.data.mvtec import (
     GOOD,
     SPLITS,
@@ -17,8 +18,8 @@ from effad_hpc.data.mvtec import (
 
 __all__ = [
     "GOOD", "SPLITS", "CategoryData", "DefectSpec", "GroundTruthRegion", "ImageDataset", "Sample",
-    "categories_of", "dataset_name", "ensure_dataset", "list_categories", "load_category", "read_category",
-    "resize_image",
+    "categories_of", "category_fingerprints", "dataset_name", "ensure_dataset", "list_categories", "load_category",
+    "read_category", "resize_image",
 ]
 
 
@@ -53,3 +54,15 @@ def load_category(config: ExperimentConfig, name: str) -> CategoryData:
     ensure_dataset(config)
     return read_category(config.data.root / name, config.data.layout,
                          config.data.validation_fraction, config.seed)
+
+
+def category_fingerprints(config: ExperimentConfig, name: str) -> dict[str, str]:
+    """``{part: fingerprint}`` of a category's files (the images of each split, and the ground
+    truth; see :func:`split_fingerprints`), with the settings that split them: what completion
+    keys hash, so that a changed data set recomputes what reads it and nothing else."""
+    ensure_dataset(config)
+    data = config.data
+    splitting = {"layout": data.layout, "root": str(data.root / name),
+                 "validation_fraction": data.validation_fraction, "seed": config.seed}
+    return {split: stable_hash([fingerprint, splitting])
+            for split, fingerprint in split_fingerprints(data.root / name, data.layout).items()}

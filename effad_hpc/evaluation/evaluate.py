@@ -33,6 +33,8 @@ type against the good test images; for LOCO ``auroc_logical_anomalies``,
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -46,9 +48,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from effad_hpc.config import ExperimentConfig, config_hash, stable_hash
-from effad_hpc.data import GOOD, ImageDataset, dataset_name, load_category
+from effad_hpc.data import GOOD, ImageDataset, category_fingerprints, dataset_name, load_category
 from effad_hpc.data.images import image_size, read_rgb
 from effad_hpc.data.mvtec import CategoryData, Sample
+from effad_hpc.errors import DataError
 from effad_hpc.evaluation import outputs
 from effad_hpc.evaluation.metrics import (
     PixelCurves,
@@ -62,7 +65,7 @@ from effad_hpc.evaluation.metrics import (
 )
 from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import load_detector, read_log, read_record, recipe, stage_folder, stage_key
-from effad_hpc.utils.atomic import atomic_write_json
+from effad_hpc.utils.atomic import atomic_write_json, exclusive_lock, remove_stale_temps
 from effad_hpc.utils.device import autocast, resolve_device
 from effad_hpc.utils.provenance import code_version
 
@@ -86,9 +89,13 @@ def sample_output(config: ExperimentConfig, model: str, kind: str, category: str
     return model_dir(config, model) / kind / category / f"{sample.sample_id}{suffix}"
 
 
-def evaluation_key(config: ExperimentConfig, model: str) -> str:
+def evaluation_key(config: ExperimentConfig, model: str, category: str) -> str:
+    """Hash of the trained model, the evaluation settings and the files evaluation reads: the
+    validation split (thresholds) and the test split with its ground truth."""
     final = recipe(model).stages[-1]
-    return stable_hash({"model": model, "trained": stage_key(config, final),
+    fingerprints = category_fingerprints(config, category)
+    return stable_hash({"model": model, "trained": stage_key(config, final, category),
+                        "data": {part: fingerprints[part] for part in ("validation", "test", "ground_truth")},
                         "inference": config.inference.model_dump(mode="json"),
                         "evaluation": config.evaluation.model_dump(mode="json")})
 
@@ -292,23 +299,78 @@ def _plots(folder: Path, test: Sequence[Sample], predictions: TestPredictions, c
 
 
 def read_metrics(folder: Path) -> dict | None:
+    """The metrics.json in ``folder``; None when there is none or it does not parse."""
     path = Path(folder) / METRICS
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def completed_metrics(config: ExperimentConfig, model: str, category: str) -> dict | None:
+    """The category's metrics.json when it is current (same key and schema) and every map it
+    vouches for is there with its size, else None: the check behind every skip of evaluation."""
+    metrics = read_metrics(results_dir(config, model, category))
+    if not metrics or metrics.get("key") != evaluation_key(config, model, category) \
+            or metrics.get("schema_version") != SCHEMA_VERSION or "artifacts" not in metrics:
+        return None
+    maps = model_dir(config, model) / "maps" / category
+    for name, size in metrics["artifacts"]["maps"].items():
+        path = maps / str(name)
+        if not path.is_file() or path.stat().st_size != size:
+            return None
+    return metrics
+
+
+def _outputs_of(config: ExperimentConfig, model: str, category: str) -> list[Path]:
+    """The folders evaluation writes for one category."""
+    base = model_dir(config, model)
+    return [base / kind / category for kind in ("maps", "masks", "overlays")] + [results_dir(config, model, category)]
+
+
+def _remove_stale_outputs(config: ExperimentConfig, model: str, category: str) -> None:
+    """Temporaries of killed evaluations (the caller holds the evaluation's lock)."""
+    for top in _outputs_of(config, model, category):
+        for folder, _, _ in os.walk(top):
+            remove_stale_temps(Path(folder), "*")
+
+
+def _empty_ground_truth(data: CategoryData, test: Sequence[Sample]) -> list[Path]:
+    """Mask files of defective test images that mark no pixel at all."""
+    return [sample.mask_paths[0] for sample in test
+            if sample.label and sample.mask_paths and not any(r.mask.any() for r in data.ground_truth(sample))]
 
 
 def evaluate_category(config: ExperimentConfig, model: str, category: str, show_progress: bool = True) -> dict:
-    """Evaluate a trained model on one category (skipped when its metrics.json is current)."""
-    key = evaluation_key(config, model)
+    """Evaluate a trained model on one category (skipped when its metrics.json is current), under
+    a lock: a second process evaluating the same model and category waits, then skips."""
     folder = results_dir(config, model, category)
-    existing = read_metrics(folder)
-    if existing and existing.get("key") == key and existing.get("schema_version") == SCHEMA_VERSION:
-        return existing
-    device = resolve_device(config.run.device)
-    detector = load_detector(config, model, category, device)
+    with exclusive_lock(folder.parent / f".{category}.lock"):
+        if (existing := completed_metrics(config, model, category)) is not None:
+            return existing
+        _remove_stale_outputs(config, model, category)
+        return _evaluate(config, model, category, show_progress)
+
+
+def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress: bool) -> dict:
+    key = evaluation_key(config, model, category)
+    folder = results_dir(config, model, category)
     data = load_category(config, category)
     validation, test = data.samples("validation"), data.samples("test")
+    warnings = []
+    if empty := _empty_ground_truth(data, test):
+        if data.layout == "mvtec_ad":
+            raise DataError(f"{empty[0]}: the mask of a defective test image marks no pixel "
+                            f"({len(empty)} such mask(s)); draw the defect, or move the image to test/good")
+        # LOCO ships some empty region files; an image with only empty ones has no pixel truth
+        warnings = [f"{path.parent}: no annotated pixel; its pixel metrics are undefined" for path in empty]
+        for warning in warnings:
+            print(f"effad-hpc: warning: {warning}", file=sys.stderr)
+    device = resolve_device(config.run.device)
+    detector = load_detector(config, model, category, device)
 
     columns = [TextColumn(f"{category} {model} " + "{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn()]
@@ -330,6 +392,7 @@ def evaluate_category(config: ExperimentConfig, model: str, category: str, show_
     metrics["train_seconds_total"] = sum(record.train_seconds for record in records.values())
 
     logs = {stage: read_log(stage_folder(config, category, stage)) for stage in stages}
+    maps = model_dir(config, model) / "maps" / category
     _plots(folder, test, predictions, curves, logs, f"{category} {model}")
     evaluation = config.evaluation
     result = {
@@ -346,6 +409,10 @@ def evaluate_category(config: ExperimentConfig, model: str, category: str, show_
                                  f"of image scores, {evaluation.pixel_threshold_quantile} of pixel scores"},
         "metrics": metrics,
         "training": {stage: asdict(record) for stage, record in records.items()},
+        "warnings": warnings,
+        "artifacts": {"maps": {map_path.relative_to(maps).as_posix(): map_path.stat().st_size
+                               for map_path in (sample_output(config, model, "maps", category, sample, ".tiff")
+                                                for sample in test)}},
     }
     atomic_write_json(folder / METRICS, result)
     return result

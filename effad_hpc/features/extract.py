@@ -14,30 +14,39 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Subset
 
 from effad_hpc.config import ExperimentConfig, stable_hash, write_resolved_config
-from effad_hpc.data import SPLITS, ImageDataset, load_category
-from effad_hpc.errors import ConfigError, StoreError
-from effad_hpc.features.backbones import Backbone, build_backbone
+from effad_hpc.data import SPLITS, ImageDataset, category_fingerprints, load_category
+from effad_hpc.errors import ConfigError
+from effad_hpc.features.backbones import Backbone, build_backbone, check_input_size
 from effad_hpc.features.store import (
     STORE_VERSION,
     SampleInfo,
     ShardWriter,
     completed_record,
-    read_manifest,
+    incomplete_reason,
     shard_bounds,
+    shard_lock,
+    shard_stem,
     write_manifest_if_complete,
 )
+from effad_hpc.utils.atomic import write_failure
 from effad_hpc.utils.device import autocast, resolve_device
 
 def feature_key(config: ExperimentConfig) -> str:
-    """Hash of everything that changes the stored features (not compression, not sharding)."""
-    data = config.data
+    """Hash of the settings that change the stored features (not compression, not sharding)."""
     return stable_hash({
         "store_version": STORE_VERSION,
-        "data": {"layout": data.layout, "root": str(data.root), "image_size": data.image_size,
-                 "validation_fraction": data.validation_fraction, "seed": config.seed},
+        "image_size": config.data.image_size,
         "backbone": config.backbone.identity(),
         "dtype": config.features.dtype,
     })
+
+
+def split_keys(config: ExperimentConfig, category: str) -> dict[str, str]:
+    """``{split: key}``: the feature settings and the fingerprint of the split's files, so that a
+    changed split is extracted again and the others are kept."""
+    features = feature_key(config)
+    fingerprints = category_fingerprints(config, category)
+    return {split: stable_hash({"features": features, "data": fingerprints[split]}) for split in SPLITS}
 
 
 def store_dir(config: ExperimentConfig, category: str) -> Path:
@@ -82,7 +91,7 @@ def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, 
         raise ConfigError(f"--shard {shard[0]}/{shard[1]}: the config has features.shards={num_shards}")
     shards = [shard[0]] if shard is not None else list(range(num_shards))
     data = load_category(config, category)
-    key = feature_key(config)
+    keys = split_keys(config, category)
     folder = store_dir(config, category)
     folder.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, config.run.out_dir)
@@ -92,12 +101,13 @@ def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, 
     for split in SPLITS:
         for index in shards:
             name = f"{split} shard {index}/{num_shards}"
-            if completed_record(folder, split, index, num_shards, key) is not None:
+            if completed_record(folder, split, index, num_shards, keys[split]) is not None:
                 result.skipped.append(name)
             else:
                 todo.append((split, index, name))
     if todo:
         backbone = build_backbone(config.backbone)
+        check_input_size(backbone.layers, config.data.image_size, "data.image_size")
         device = resolve_device(config.run.device)
         backbone.extractor.to(device)
         size = config.data.image_size
@@ -110,32 +120,44 @@ def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, 
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, disable=not show_progress) as progress:
             for split, index, name in todo:
-                samples = data.samples(split)
-                infos = [SampleInfo(i, s.sample_id, s.label, s.defect_type, str(s.path)) for i, s in enumerate(samples)]
-                lo, hi = shard_bounds(len(samples), index, num_shards)
-                # Subset passes the split's own indices through, so batch["index"] indexes `infos`.
-                loader = DataLoader(Subset(ImageDataset(samples, size), range(lo, hi)),
-                                    batch_size=config.features.batch_size,
-                                    num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
-                writer = ShardWriter(folder, split, index, num_shards, hi - lo, shapes, config.features.dtype,
-                                     config.features.compression, config.features.compression_level,
-                                     feature_key=key, meta=meta)
-                task = progress.add_task(f"{category} {name}", total=hi - lo)
-                try:
-                    _extract_shard(backbone, loader, writer, infos, device, config.run.mixed_precision,
-                                   progress, task)
-                    writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
+                with shard_lock(folder, split, index, num_shards):
+                    # another job may have written it while this one waited for the lock
+                    if completed_record(folder, split, index, num_shards, keys[split]) is not None:
+                        result.skipped.append(name)
+                        continue
+                    _write_shard(config, backbone, device, data.samples(split), folder, split, index, keys[split],
+                                 meta, shapes, progress, f"{category} {name}")
                 result.written.append(name)
-    result.manifest_written = write_manifest_if_complete(folder, SPLITS, num_shards, key)
+    result.manifest_written = write_manifest_if_complete(folder, keys, num_shards, feature_key(config))
     return result
 
 
-def store_is_complete(config: ExperimentConfig, category: str) -> bool:
-    """Whether the category's store has its manifest for this config's features."""
+def _write_shard(config: ExperimentConfig, backbone: Backbone, device: torch.device, samples: list, folder: Path,
+                 split: str, index: int, key: str, meta: dict, shapes: dict, progress: Progress,
+                 description: str) -> None:
+    num_shards, size = config.features.shards, config.data.image_size
+    infos = [SampleInfo(i, s.sample_id, s.label, s.defect_type, str(s.path)) for i, s in enumerate(samples)]
+    lo, hi = shard_bounds(len(samples), index, num_shards)
+    # Subset passes the split's own indices through, so batch["index"] indexes `infos`.
+    loader = DataLoader(Subset(ImageDataset(samples, size), range(lo, hi)), batch_size=config.features.batch_size,
+                        num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
     try:
-        return read_manifest(store_dir(config, category))["feature_key"] == feature_key(config)
-    except StoreError:
-        return False
+        writer = ShardWriter(folder, split, index, num_shards, hi - lo, shapes, config.features.dtype,
+                             config.features.compression, config.features.compression_level, feature_key=key,
+                             meta=meta)
+    except OSError as exc:
+        raise write_failure(folder / f"{shard_stem(split, index, num_shards)}.h5", exc) from None
+    task = progress.add_task(description, total=hi - lo)
+    try:
+        _extract_shard(backbone, loader, writer, infos, device, config.run.mixed_precision, progress, task)
+        writer.close()
+    except BaseException as exc:
+        writer.abort()
+        if (failure := write_failure(writer.final, exc)) is not None:
+            raise failure from None
+        raise
+
+
+def store_incomplete_reason(config: ExperimentConfig, category: str) -> str | None:
+    """Why the category's store is not complete for this config and data (None when it is)."""
+    return incomplete_reason(store_dir(config, category), feature_key(config), split_keys(config, category))

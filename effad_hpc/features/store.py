@@ -3,7 +3,7 @@
 Layout of ``<store>/`` (one category)::
 
     train-00000-of-00004.h5     features of samples [start, stop) of the split
-    train-00000-of-00004.json   record of that shard: samples, sha256, feature key
+    train-00000-of-00004.json   record of that shard: samples, bytes, sha256, split key
     ...
     manifest.json               all shards of all splits, written once every record exists
 
@@ -12,6 +12,10 @@ the split), ``sample_id``, ``label``, ``defect_type`` and ``path``. A shard is w
 temporary name and renamed when complete, then its record is written: a killed writer leaves
 either nothing or a shard without a record, and both count as not done. Shards can be written by
 separate jobs at the same time (``--shard I/N``); whichever finishes last writes the manifest.
+
+Each split has its own key (the features' settings and a fingerprint of the split's files), so a
+changed test split re-extracts the test shards and nothing else. The manifest records every
+shard's size and checksum: a store whose shard was truncated or replaced is not complete.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +33,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from effad_hpc.errors import StoreError
-from effad_hpc.utils.atomic import atomic_write_json, new_temp_path, publish, remove_stale_temps, sha256_file
+from effad_hpc.errors import StorageError, StoreError
+from effad_hpc.utils.atomic import (
+    atomic_write_json,
+    exclusive_lock,
+    new_temp_path,
+    publish,
+    remove_stale_temps,
+    sha256_file,
+)
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 MANIFEST = "manifest.json"
 STRING = h5py.string_dtype()
 
@@ -55,19 +67,48 @@ class SampleInfo:
     path: str
 
 
+def shard_lock(folder: Path, split: str, shard: int, num_shards: int):
+    """The lock a writer of this shard holds from its completion check to its record: a second
+    writer waits, then finds the shard complete; temporaries seen under it are a dead writer's."""
+    return exclusive_lock(Path(folder) / f".{shard_stem(split, shard, num_shards)}.lock")
+
+
+METADATA_BYTES_PER_SAMPLE = 4096
+"""Upper bound of a sample's ids, label and path strings and chunk index in an HDF5 shard."""
+
+
+def _check_free_space(final: Path, num_samples: int, layer_shapes: dict[str, tuple[int, int, int]],
+                      dtype: str) -> None:
+    """Refuse to start a shard that may not fit: HDF5 cannot recover from a full disk (h5py ends
+    the process with a segmentation fault once a write has failed), so the space is checked first,
+    against the uncompressed size."""
+    itemsize = np.dtype(dtype).itemsize
+    needed = (1 << 20) + num_samples * (METADATA_BYTES_PER_SAMPLE + sum(
+        channels * height * width * itemsize for channels, height, width in layer_shapes.values()))
+    free = shutil.disk_usage(final.parent).free
+    if free < needed:
+        raise StorageError(f"{final}: cannot write: No space left on device (the shard needs up to "
+                           f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)")
+
+
 class ShardWriter:
-    """Fill one shard batch by batch; the file appears under its final name only on ``close``."""
+    """Fill one shard batch by batch; the file appears under its final name only on ``close``.
+
+    The caller holds the shard's :func:`shard_lock`, so temporaries of this shard that exist when
+    the writer starts belong to writers that died, and are removed."""
 
     def __init__(self, folder: Path, split: str, shard: int, num_shards: int, num_samples: int,
                  layer_shapes: dict[str, tuple[int, int, int]], dtype: str, compression: str,
                  compression_level: int, feature_key: str, meta: dict):
-        """``meta`` (backbone, layers, ...) goes into the shard's record and from there into the
-        manifest, so whichever writer finishes last can write the manifest."""
+        """``feature_key`` is the split's key; ``meta`` (backbone, layers, ...) goes into the
+        shard's record and from there into the manifest, so whichever writer finishes last can
+        write the manifest."""
         self.folder, self.stem = Path(folder), shard_stem(split, shard, num_shards)
         self.final = self.folder / f"{self.stem}.h5"
         self.num_samples, self.written = num_samples, 0
         self.dtype, self.feature_key, self.meta = dtype, feature_key, meta
         remove_stale_temps(self.folder, f"{self.stem}.h5")  # leftovers of killed writers
+        _check_free_space(self.final, num_samples, layer_shapes, dtype)
         self._tmp = new_temp_path(self.final)
         self._file = h5py.File(self._tmp, "w")
         options = {}
@@ -102,15 +143,18 @@ class ShardWriter:
         if self.written != self.num_samples:
             raise RuntimeError(f"{self.final}: {self.written} of {self.num_samples} samples written")
         self._file.close()
-        checksum = sha256_file(self._tmp)
+        checksum, size = sha256_file(self._tmp), self._tmp.stat().st_size
         publish(self._tmp, self.final)
-        record = {"file": self.final.name, "num_samples": self.num_samples, "sha256": checksum,
+        record = {"file": self.final.name, "num_samples": self.num_samples, "sha256": checksum, "bytes": size,
                   "feature_key": self.feature_key, "meta": self.meta}
         atomic_write_json(self.folder / f"{self.stem}.json", record)
         return record
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the write that failed (a full disk) fails again on close; the file goes anyway
+            pass
         self._tmp.unlink(missing_ok=True)
 
 
@@ -125,26 +169,27 @@ def completed_record(folder: Path, split: str, shard: int, num_shards: int, feat
         record = json.loads(record_path.read_text())
     except json.JSONDecodeError:
         return None
-    if record.get("feature_key") != feature_key:
+    if record.get("feature_key") != feature_key or data_path.stat().st_size != record.get("bytes"):
         return None
     if verify and sha256_file(data_path) != record.get("sha256"):
         return None
     return record
 
 
-def write_manifest_if_complete(folder: Path, splits: Sequence[str], num_shards: int, feature_key: str) -> bool:
-    """Write ``manifest.json`` when every shard of every split has a current record."""
+def write_manifest_if_complete(folder: Path, split_keys: dict[str, str], num_shards: int, feature_key: str) -> bool:
+    """Write ``manifest.json`` when every shard of every split has a record with its split's key."""
     entries = {}
-    for split in splits:
+    for split, key in split_keys.items():
         records = []
         for shard in range(num_shards):
-            record = completed_record(folder, split, shard, num_shards, feature_key, verify=False)
+            record = completed_record(folder, split, shard, num_shards, key, verify=False)
             if record is None:
                 return False
             records.append(record)
-        entries[split] = {"num_samples": sum(r["num_samples"] for r in records),
-                          "shards": [{k: v for k, v in r.items() if k != "meta"} for r in records]}
-    meta = records[0]["meta"]  # identical in every record: same feature key, same backbone
+        entries[split] = {"key": key, "num_samples": sum(r["num_samples"] for r in records),
+                          "shards": [{k: v for k, v in r.items() if k not in ("meta", "feature_key")}
+                                     for r in records]}
+    meta = records[0]["meta"]  # identical in every record: same features, same backbone
     atomic_write_json(Path(folder) / MANIFEST, {"version": STORE_VERSION, "feature_key": feature_key,
                                                 "num_shards": num_shards, **meta, "splits": entries})
     return True
@@ -156,10 +201,42 @@ def read_manifest(folder: Path) -> dict:
         pending = sorted(p.name for p in Path(folder).glob("*.h5")) if Path(folder).is_dir() else []
         raise StoreError(f"{path}: no manifest: the feature store is missing or incomplete "
                          f"({len(pending)} shard files present); run `effad-hpc extract` for this category")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path}: unreadable manifest ({exc}); rerun `effad-hpc extract` for this category") from None
     if manifest.get("version") != STORE_VERSION:
         raise StoreError(f"{path}: store version {manifest.get('version')}, expected {STORE_VERSION}")
     return manifest
+
+
+def damaged_shards(folder: Path, manifest: dict, splits: Sequence[str]) -> list[str]:
+    """Shard files of these splits that are missing or whose size is not the manifest's."""
+    damaged = []
+    for split in splits:
+        for shard in manifest["splits"][split]["shards"]:
+            path = Path(folder) / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                damaged.append(shard["file"])
+    return damaged
+
+
+def incomplete_reason(folder: Path, feature_key: str, split_keys: dict[str, str]) -> str | None:
+    """Why the store in ``folder`` is not complete for these keys, or None when it is: the
+    check behind every skip of extraction (``run``, ``train``, ``status``)."""
+    try:
+        manifest = read_manifest(folder)
+    except StoreError as exc:
+        return str(exc)
+    if manifest.get("feature_key") != feature_key:
+        return f"{Path(folder) / MANIFEST}: features of another config"
+    stale = [split for split, key in split_keys.items() if manifest["splits"].get(split, {}).get("key") != key]
+    if stale:
+        return f"{Path(folder) / MANIFEST}: the data of split(s) {', '.join(stale)} changed since extraction"
+    damaged = damaged_shards(folder, manifest, list(split_keys))
+    if damaged:
+        return f"{folder}: shard file(s) {', '.join(damaged)} missing or truncated"
+    return None
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -170,11 +247,14 @@ class _Shards:
 
     def __init__(self, folder: Path, split: str, expected_key: str | None):
         manifest = read_manifest(folder)
-        if expected_key is not None and manifest["feature_key"] != expected_key:
-            raise StoreError(f"{Path(folder) / MANIFEST}: features were extracted with another config "
-                             f"(key {manifest['feature_key']}, expected {expected_key}); rerun extract")
         if split not in manifest["splits"]:
             raise StoreError(f"{Path(folder) / MANIFEST}: no split {split!r}")
+        key = manifest["splits"][split].get("key")
+        if expected_key is not None and key != expected_key:
+            raise StoreError(f"{Path(folder) / MANIFEST}: the {split} features were extracted with another config "
+                             f"or from other data (key {key}, expected {expected_key}); rerun extract")
+        if damaged := damaged_shards(folder, manifest, [split]):
+            raise StoreError(f"{folder}: shard file(s) {', '.join(damaged)} missing or truncated; rerun extract")
         self.manifest = manifest
         self.paths = [Path(folder) / r["file"] for r in manifest["splits"][split]["shards"]]
         self.counts = [r["num_samples"] for r in manifest["splits"][split]["shards"]]

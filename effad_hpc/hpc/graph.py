@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from effad_hpc.config import ExperimentConfig
-from effad_hpc.evaluation import evaluate_category, read_metrics, results_dir
-from effad_hpc.evaluation.evaluate import SCHEMA_VERSION, evaluation_key
-from effad_hpc.features.extract import extract_category, store_is_complete
-from effad_hpc.training import STAGES, recipe, run_stage, stage_dir, stage_key
-from effad_hpc.training.artifacts import SHARED, completed_record
+from effad_hpc.evaluation import evaluate_category
+from effad_hpc.evaluation.evaluate import completed_metrics
+from effad_hpc.features.extract import extract_category, store_incomplete_reason
+from effad_hpc.training import STAGES, recipe, run_stage
+from effad_hpc.training.artifacts import SHARED
+from effad_hpc.training.registry import completed_stage
 
 EXTRACT, EVALUATE = "extract", "evaluate"
 
@@ -76,12 +77,10 @@ def run_graph(config: ExperimentConfig, categories: list[str], models: list[str]
 
 def is_complete(config: ExperimentConfig, node: Node) -> bool:
     if node.stage == EXTRACT:
-        return store_is_complete(config, node.category)
+        return store_incomplete_reason(config, node.category) is None
     if node.stage == EVALUATE:
-        metrics = read_metrics(results_dir(config, node.model, node.category))
-        return bool(metrics) and metrics.get("key") == evaluation_key(config, node.model) \
-            and metrics.get("schema_version") == SCHEMA_VERSION
-    return completed_record(stage_dir(config, node.category, node.stage), stage_key(config, node.stage)) is not None
+        return completed_metrics(config, node.model, node.category) is not None
+    return completed_stage(config, node.stage, node.category) is not None
 
 
 def run_node(config: ExperimentConfig, node: Node, shard: tuple[int, int] | None = None) -> str:

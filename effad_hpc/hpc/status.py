@@ -19,9 +19,8 @@ from rich.live import Live
 from rich.table import Table
 from submitit.core.utils import JobPaths
 
-from effad_hpc.config import CONFIG_FILENAME, ExperimentConfig, load_config
+from effad_hpc.config import CONFIG_FILENAME, ExperimentConfig, load_resolved_config
 from effad_hpc.data import categories_of
-from effad_hpc.errors import ConfigError
 from effad_hpc.evaluation import read_metrics, results_dir
 from effad_hpc.hpc.graph import Node, is_complete, run_graph
 from effad_hpc.hpc.submit import node_id, read_submissions
@@ -159,11 +158,15 @@ def state_table(states: list[NodeState], title: str) -> Table:
     return table
 
 
-def load_run_config(run_dir: Path) -> ExperimentConfig:
-    path = Path(run_dir) / CONFIG_FILENAME
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no {CONFIG_FILENAME}; is this a run folder (run.out_dir)?")
-    return load_config(path)
+def load_run_config(run_dir: Path) -> tuple[ExperimentConfig, str | None]:
+    """The config of the run in ``run_dir``, pointed at ``run_dir`` itself (a copied or moved run
+    shows its own state, not the original's), and a note when the config names another folder."""
+    config = load_resolved_config(run_dir)
+    given = Path(run_dir).resolve()
+    if config.run.out_dir.resolve() == given:
+        return config, None
+    note = f"{Path(run_dir) / CONFIG_FILENAME} was written for the run folder {config.run.out_dir}; showing {given}"
+    return config.model_copy(update={"run": config.run.model_copy(update={"out_dir": given})}), note
 
 
 def make_console() -> Console:

@@ -34,7 +34,7 @@ from effad_hpc.hpc.graph import EXTRACT, Node, category_graph, is_complete
 from effad_hpc.training.artifacts import SHARED
 from effad_hpc.hpc.jobs import ChainJob, StageJob
 from effad_hpc.hpc.profiles import ClusterProfile
-from effad_hpc.utils.atomic import atomic_write_json
+from effad_hpc.utils.atomic import atomic_write_json, exclusive_lock
 
 JOBS_FILE = "jobs.json"
 Executor = Literal["slurm", "local", "debug"]
@@ -83,6 +83,15 @@ class Submission:
     """The submitit job objects (this process only; not saved)."""
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A category with work to do: its graph and its incomplete nodes (in graph order)."""
+
+    category: str
+    graph: dict[Node, tuple[Node, ...]]
+    todo: list[Node]
+
+
 def node_id(node: Node) -> str:
     return f"{node.category}/{node.name}"
 
@@ -119,14 +128,14 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
     logs = out / "logs"
     raw = config.model_dump(mode="json")
     submission = Submission(executor, datetime.now(timezone.utc).isoformat(timespec="seconds"), config_hash(config))
-    pending: list[tuple[dict[Node, tuple[Node, ...]], list[Node]]] = []
+    pending: list[Pending] = []
     for category in categories:
         graph = category_graph(config, category, models)
         todo = [node for node in graph if not is_complete(config, node)]
         submission.complete += [node_id(node) for node in graph
                                 if node not in todo and node_id(node) not in submission.complete]
         if todo:
-            pending.append((graph, todo))
+            pending.append(Pending(category, graph, todo))
     if executor == "slurm" and pending:
         _submit_slurm(config, raw, pending, profile, logs, submission)
     elif pending:
@@ -134,8 +143,8 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
         cores = len(os.sched_getaffinity(0))
         workers = len(pending) if executor == "debug" else max(1, min(len(pending), cores // cpus))
         for worker in range(workers):
-            nodes = list(dict.fromkeys(node for _, todo in pending[worker::workers] for node in todo))
-            upstream = {node: ups for graph, _ in pending for node, ups in graph.items() if node in nodes}
+            nodes = list(dict.fromkeys(node for entry in pending[worker::workers] for node in entry.todo))
+            upstream = {node: ups for entry in pending for node, ups in entry.graph.items() if node in nodes}
             job = _executor(executor, logs, profile, "chain", []).submit(ChainJob(), raw, nodes, cpus, upstream)
             submission.handles.append(job)
             submission.jobs.append(SubmittedJob(str(job.job_id), [node_id(n) for n in nodes], str(logs)))
@@ -143,14 +152,17 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
     return submission
 
 
-def _submit_slurm(config: ExperimentConfig, raw: dict, pending: list[tuple[dict[Node, tuple[Node, ...]], list[Node]]],
-                  profile: ClusterProfile, logs: Path, submission: Submission) -> None:
+def _submit_slurm(config: ExperimentConfig, raw: dict, pending: list[Pending], profile: ClusterProfile, logs: Path,
+                  submission: Submission) -> None:
     """One array per stage over the categories with work to do, chained task by task."""
-    categories = [todo[0].category for _, todo in pending]
-    todo = {node for _, nodes in pending for node in nodes}
+    # The category of an entry, not of its first pending node: that is the shared `_shared` node
+    # whenever the distillation is incomplete, and every array would be built for `_shared`.
+    categories = [entry.category for entry in pending]
+    todo = {node for entry in pending for node in entry.todo}
     # Every category of a run has the same stages; take their order and dependencies from one graph.
-    stages = {(node.stage, node.model): [(up.stage, up.model) for up in ups] for node, ups in pending[0][0].items()}
-    shared = {(node.stage, node.model) for node in pending[0][0] if node.shared}
+    graph = pending[0].graph
+    stages = {(node.stage, node.model): [(up.stage, up.model) for up in ups] for node, ups in graph.items()}
+    shared = {(node.stage, node.model) for node in graph if node.shared}
     array_of: dict[tuple[str, str | None], str] = {}
     for stage, upstream in stages.items():
         dependency = ",".join(f"{'afterany' if up[0] == EXTRACT else 'afterok' if up in shared else 'aftercorr'}:"
@@ -189,11 +201,16 @@ def read_submissions(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / JOBS_FILE
     if not path.is_file():
         return []
-    return json.loads(path.read_text())["submissions"]
+    try:
+        return json.loads(path.read_text())["submissions"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a record of submissions ({exc}); move it away to start a new one") from None
 
 
 def record_submission(run_dir: Path, submission: Submission) -> None:
+    """Append the submission to jobs.json, under a lock: two ``run`` commands on one folder keep both."""
     entry = {"executor": submission.executor, "submitted_at": submission.submitted_at,
              "config_hash": submission.config_hash, "jobs": [asdict(job) for job in submission.jobs],
              "complete": submission.complete}
-    atomic_write_json(Path(run_dir) / JOBS_FILE, {"submissions": [*read_submissions(run_dir), entry]})
+    with exclusive_lock(Path(run_dir) / f".{JOBS_FILE}.lock"):
+        atomic_write_json(Path(run_dir) / JOBS_FILE, {"submissions": [*read_submissions(run_dir), entry]})

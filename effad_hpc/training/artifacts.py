@@ -8,7 +8,8 @@
 - ``model.pt``: the state dict of the best model on the validation split;
 - ``log.csv``: one row per epoch (training losses, validation value, learning rate, time);
 - ``stage.json``: the completion record, written last, with the stage key (a hash of every
-  input that changes the result), best/final epoch and training time.
+  input that changes the result), best/final epoch, training time, and the size and sha256 of
+  ``model.pt``: a stage whose model was truncated or replaced is not complete.
 
 Everything is written atomically, and checkpoints hold only tensors and plain values so that
 they load with ``torch.load(weights_only=True)``.
@@ -28,7 +29,7 @@ import torch
 
 from effad_hpc.config import ExperimentConfig
 from effad_hpc.errors import CheckpointError
-from effad_hpc.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+from effad_hpc.utils.atomic import atomic_path, atomic_write_json, atomic_write_text, sha256_file
 
 LAST_CHECKPOINT = "last.pt"
 BEST_MODEL = "model.pt"
@@ -43,8 +44,10 @@ def stage_dir(config: ExperimentConfig, category: str, stage: str) -> Path:
 
 
 def save_state(state: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a file object, a failed write raises the OSError that names its cause (a full disk)
+    # as the context of torch's RuntimeError; atomic_path turns it into a named error.
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_state(path: Path) -> dict:
@@ -74,6 +77,8 @@ class StageRecord:
     finished_at: str
     resumed_at_epochs: list[int] = field(default_factory=list)
     """Epochs from which an interrupted run (killed, preempted, requeued) was resumed."""
+    artifacts: dict[str, dict] = field(default_factory=dict)
+    """``{file name: {"bytes": size, "sha256": checksum}}`` of what the record vouches for."""
 
 
 def read_record(folder: Path) -> StageRecord | None:
@@ -86,10 +91,24 @@ def read_record(folder: Path) -> StageRecord | None:
         raise CheckpointError(f"{path}: malformed stage record ({exc}); delete it to train this stage again") from None
 
 
-def completed_record(folder: Path, key: str) -> StageRecord | None:
-    """The record of a stage that finished with these inputs (and still has its model), else None."""
+def artifact_entry(path: Path) -> dict:
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def intact(path: Path, entry: dict | None, verify: bool) -> bool:
+    """Whether ``path`` is the file ``entry`` describes: same size, and with ``verify`` the same
+    checksum (sizes are what status checks cost; the checksum reads the whole file)."""
+    path = Path(path)
+    if entry is None or not path.is_file() or path.stat().st_size != entry.get("bytes"):
+        return False
+    return not verify or sha256_file(path) == entry.get("sha256")
+
+
+def completed_record(folder: Path, key: str, verify: bool = False) -> StageRecord | None:
+    """The record of a stage that finished with these inputs and whose model is intact, else None."""
     record = read_record(folder)
-    if record is None or record.key != key or not (Path(folder) / BEST_MODEL).is_file():
+    if record is None or record.key != key or not intact(Path(folder) / BEST_MODEL,
+                                                          record.artifacts.get(BEST_MODEL), verify):
         return None
     return record
 
@@ -101,7 +120,8 @@ def write_record(folder: Path, record: StageRecord) -> None:
 def complete_stage(folder: Path, **fields) -> StageRecord:
     """Write the completion record (``fields`` of :class:`StageRecord` but the time, which is now)
     and drop ``last.pt``: the full training state is large and no longer needed."""
-    record = StageRecord(**fields, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    record = StageRecord(**fields, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         artifacts={BEST_MODEL: artifact_entry(Path(folder) / BEST_MODEL)})
     write_record(folder, record)
     (Path(folder) / LAST_CHECKPOINT).unlink(missing_ok=True)
     return record

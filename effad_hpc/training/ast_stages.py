@@ -8,11 +8,20 @@ from collections.abc import Callable
 import torch
 
 from effad_hpc.config import ExperimentConfig
+from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError
 from effad_hpc.models import ASTTeacher, build_model
 from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, load_state, stage_dir
 from effad_hpc.training.loop import StageRun, fit
-from effad_hpc.training.registry import ModelRecipe, Stage, recipe, register_recipe, register_stage, stage_key
+from effad_hpc.training.registry import (
+    ModelRecipe,
+    Stage,
+    completed_stage,
+    recipe,
+    register_recipe,
+    register_stage,
+    stage_key,
+)
 from effad_hpc.training.sources import BackboneFeatures, ComputedFeatures, PenaltyImages, open_source
 from effad_hpc.utils.device import resolve_device
 
@@ -37,8 +46,8 @@ def _efficientad_ast_kwargs(config: ExperimentConfig, channels: int, map_size: i
 
 
 def train_teacher(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
-    folder, key = stage_dir(config, category, "teacher"), stage_key(config, "teacher")
-    if (done := completed_record(folder, key)) is not None:
+    folder, key = stage_dir(config, category, "teacher"), stage_key(config, "teacher", category)
+    if (done := completed_record(folder, key, verify=True)) is not None:
         return done
     device = resolve_device(config.run.device)
     source = open_source(config, category, config.teacher.feature_source, device)
@@ -55,11 +64,11 @@ def train_teacher(config: ExperimentConfig, category: str, show_progress: bool =
 
 def _train_student(stage: str, model_name: str, config: ExperimentConfig, category: str,
                    show_progress: bool) -> StageRecord:
-    folder, key = stage_dir(config, category, stage), stage_key(config, stage)
-    if (done := completed_record(folder, key)) is not None:
+    folder, key = stage_dir(config, category, stage), stage_key(config, stage, category)
+    if (done := completed_record(folder, key, verify=True)) is not None:
         return done
     teacher_path = stage_dir(config, category, "teacher") / BEST_MODEL
-    if completed_record(teacher_path.parent, stage_key(config, "teacher")) is None:
+    if completed_stage(config, "teacher", category, verify=True) is None:
         raise CheckpointError(f"{teacher_path.parent}: no trained teacher for this config; "
                               f"run `effad-hpc train --stage teacher --category {category}` first")
     device = resolve_device(config.run.device)
@@ -94,7 +103,9 @@ def _student_settings(model_name: str) -> Callable[[ExperimentConfig], dict]:
         values = config.student.model_dump(mode="json")
         if model_name == "ast":  # the autoencoder does not exist in AST
             values = {k: v for k, v in values.items() if not k.startswith("ae_")}
-        return {"model": model_name, "student": values}
+        penalty = config.student.penalty_images
+        return {"model": model_name, "student": values,
+                "penalty_fingerprint": folder_fingerprint(penalty) if penalty else None}
 
     return settings
 

@@ -57,8 +57,8 @@ def _validation_score(model: nn.Module, source: FeatureSource, batch_size: int) 
 
 def _fit_stage(name: str, inputs_of: Inputs, fit: Fit) -> Callable[..., StageRecord]:
     def run(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
-        folder, key = stage_dir(config, category, name), stage_key(config, name)
-        if (done := completed_record(folder, key)) is not None:
+        folder, key = stage_dir(config, category, name), stage_key(config, name, category)
+        if (done := completed_record(folder, key, verify=True)) is not None:
             return done
         settings: BaselineConfig = getattr(config, name)
         inputs = inputs_of(config)

@@ -13,8 +13,8 @@ from effad_hpc.data.mvtec import Sample
 from effad_hpc.errors import CheckpointError
 from effad_hpc.features.backbones import build_backbone
 from effad_hpc.models import AnomalyDetector
-from effad_hpc.training.artifacts import BEST_MODEL, completed_record, load_state
-from effad_hpc.training.registry import recipe, stage_folder, stage_key
+from effad_hpc.training.artifacts import BEST_MODEL, load_state
+from effad_hpc.training.registry import completed_stage, recipe, stage_folder
 from effad_hpc.utils.device import autocast
 
 
@@ -23,7 +23,7 @@ def load_detector(config: ExperimentConfig, model_name: str, category: str, devi
     model_recipe = recipe(model_name)
     final = model_recipe.stages[-1]
     folder = stage_folder(config, category, final)
-    if completed_record(folder, stage_key(config, final)) is None:
+    if completed_stage(config, final, category, verify=True) is None:
         raise CheckpointError(f"{folder}: {model_name} is not trained for this config; run "
                               f"`effad-hpc train --model {model_name} --category {category}` first")
     inputs = model_recipe.inputs(config)

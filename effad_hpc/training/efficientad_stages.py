@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from effad_hpc.config import DistillationConfig, ExperimentConfig
 from effad_hpc.data import ImageDataset, load_category
+from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError, ConfigError, DataError
 from effad_hpc.features.backbones import build_backbone
 from effad_hpc.models import PDN, build_model
@@ -41,6 +42,7 @@ from effad_hpc.training.registry import (
     ModelRecipe,
     Stage,
     register_recipe,
+    completed_stage,
     register_stage,
     stage_key,
 )
@@ -50,6 +52,7 @@ from effad_hpc.training.sources import (
     image_folder,
     image_samples,
 )
+from effad_hpc.training.loop import seeded_generator
 from effad_hpc.training.steps import StepRun, StepSampler, fit_steps
 from effad_hpc.utils.atomic import sha256_file
 from effad_hpc.utils.device import resolve_device
@@ -67,8 +70,11 @@ def _distillation(config: ExperimentConfig) -> DistillationConfig:
 
 def _step_batches(dataset: ImageDataset, batch_size: int, seed: int, stage: str, start: int, steps: int,
                   config: ExperimentConfig, device: torch.device) -> Iterator[torch.Tensor]:
+    # Its own generator: a DataLoader draws its workers' base seed when iteration starts, which
+    # would otherwise take a number from the global RNG (dropout's) at the resume step only.
     loader = DataLoader(dataset, batch_sampler=StepSampler(len(dataset), batch_size, seed, stage, start, steps),
-                        num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=config.features.num_workers, pin_memory=device.type == "cuda",
+                        generator=seeded_generator(seed, stage, "loader", start))
     for batch in loader:
         yield batch["image"].to(device, non_blocking=True)
 
@@ -110,7 +116,7 @@ def channel_statistics(maps: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torc
 def _use_teacher_file(config: ExperimentConfig, size: PDNSize, stage: str) -> StageRecord:
     """Check a user's PDN state dict against the architecture and keep it as the stage's model."""
     path = _distillation(config).teacher_weights
-    folder, key = stage_dir(config, SHARED, stage), stage_key(config, stage)
+    folder, key = stage_dir(config, SHARED, stage), stage_key(config, stage, SHARED)
     if not path.is_file():
         raise CheckpointError(f"distillation.teacher_weights: {path} does not exist")
     try:
@@ -148,8 +154,8 @@ def _target_stats(compute: Callable[[torch.Tensor], torch.Tensor], dataset: Imag
 
 def _distill(size: PDNSize, stage: str) -> Callable[..., StageRecord]:
     def run(config: ExperimentConfig, category: str = SHARED, show_progress: bool = True) -> StageRecord:
-        folder, key = stage_dir(config, SHARED, stage), stage_key(config, stage)
-        if (done := completed_record(folder, key)) is not None:
+        folder, key = stage_dir(config, SHARED, stage), stage_key(config, stage, SHARED)
+        if (done := completed_record(folder, key, verify=True)) is not None:
             return done
         d = _distillation(config)
         if d.teacher_weights is not None:
@@ -191,7 +197,8 @@ def _distill_settings(config: ExperimentConfig) -> dict:
         return {"teacher_weights": str(d.teacher_weights), "sha256": sha256_file(d.teacher_weights)
                 if d.teacher_weights.is_file() else None}
     return d.model_dump(mode="json", exclude={"teacher_weights", "checkpoint_every"}) | {
-        "backbone": d.backbone.identity(), "image_size": config.efficientad.image_size}
+        "backbone": d.backbone.identity(), "image_size": config.efficientad.image_size,
+        "images_fingerprint": folder_fingerprint(d.images, d.pattern)}
 
 
 # --- student + autoencoder -----------------------------------------------------------------
@@ -242,11 +249,11 @@ def map_quantiles(model: EfficientAD, loader: DataLoader, device: torch.device,
 
 def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., StageRecord]:
     def run(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
-        folder, key = stage_dir(config, category, model_name), stage_key(config, model_name)
-        if (done := completed_record(folder, key)) is not None:
+        folder, key = stage_dir(config, category, model_name), stage_key(config, model_name, category)
+        if (done := completed_record(folder, key, verify=True)) is not None:
             return done
         teacher_folder = stage_dir(config, SHARED, teacher_stage)
-        if completed_record(teacher_folder, stage_key(config, teacher_stage)) is None:
+        if completed_stage(config, teacher_stage, SHARED, verify=True) is None:
             raise CheckpointError(f"{teacher_folder}: no teacher for this config; run "
                                   f"`effad-hpc train --model {model_name} --stage {teacher_stage}` first")
         e = config.efficientad
@@ -297,9 +304,9 @@ def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., Sta
 
 
 def _efficientad_settings(config: ExperimentConfig) -> dict:
-    data = config.data
-    return {"efficientad": config.efficientad.model_dump(mode="json", exclude={"checkpoint_every"}),
-            "data": {"layout": data.layout, "root": str(data.root), "validation_fraction": data.validation_fraction}}
+    e = config.efficientad
+    return {"efficientad": e.model_dump(mode="json", exclude={"checkpoint_every"}),
+            "penalty_fingerprint": folder_fingerprint(e.penalty_images) if e.penalty_images else None}
 
 
 def _build(model_name: str):

@@ -18,10 +18,11 @@ from torch import nn
 
 from effad_hpc.config import BackboneConfig, ExperimentConfig, stable_hash
 from effad_hpc.errors import ConfigError
+from effad_hpc.data import category_fingerprints
 from effad_hpc.features.extract import feature_key
 from effad_hpc.models.feature_maps import Preparation
-from effad_hpc.training.artifacts import SHARED, StageRecord, stage_dir
-from effad_hpc.utils.atomic import exclusive_lock
+from effad_hpc.training.artifacts import SHARED, StageRecord, completed_record, stage_dir
+from effad_hpc.utils.atomic import exclusive_lock, remove_stale_temps
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,20 @@ def recipe(name: str) -> ModelRecipe:
     return MODELS[name]
 
 
-def stage_key(config: ExperimentConfig, name: str) -> str:
+def stage_key(config: ExperimentConfig, name: str, category: str) -> str:
+    """Hash of every input of stage ``name`` for ``category``: its settings, the features it
+    reads, the fingerprints of the category's train and validation files (every per-category
+    stage trains on one and selects or calibrates on the other) and its upstream stages' keys.
+    A shared stage's data (distillation images) is part of its settings."""
     stage = STAGES[name]
     backbone = {"features": feature_key(config), "layers": config.backbone.layers} if stage.reads_backbone else {}
+    data = {}
+    if not stage.shared:
+        fingerprints = category_fingerprints(config, category)
+        data = {"data": {split: fingerprints[split] for split in ("train", "validation")}}
     return stable_hash({
-        "stage": name, "seed": config.seed, **backbone,
-        "settings": stage.settings(config), "upstream": {need: stage_key(config, need) for need in stage.needs},
+        "stage": name, "seed": config.seed, **backbone, **data, "settings": stage.settings(config),
+        "upstream": {need: stage_key(config, need, category) for need in stage.needs},
     })
 
 
@@ -106,11 +115,18 @@ def stage_folder(config: ExperimentConfig, category: str, name: str):
     return stage_dir(config, SHARED if STAGES[name].shared else category, name)
 
 
+def completed_stage(config: ExperimentConfig, name: str, category: str, verify: bool = False) -> StageRecord | None:
+    """The record of stage ``name`` for ``category`` when it finished with the current inputs and
+    its model is intact (size; with ``verify`` also the checksum), else None."""
+    return completed_record(stage_folder(config, category, name), stage_key(config, name, category), verify)
+
+
 def run_stage(config: ExperimentConfig, name: str, category: str, show_progress: bool = True) -> StageRecord:
-    """Run (or resume, or skip when complete) one stage; a shared stage runs under a lock, so that
-    concurrent jobs of several categories train it once."""
+    """Run (or resume, or skip when complete) one stage, under the lock of its folder: of two
+    processes that start the same stage (two ``train`` commands, or every category's job reaching
+    a shared stage) one trains it, the other waits and then finds it complete."""
     stage = STAGES[name]
-    if not stage.shared:
-        return stage.run(config, category, show_progress=show_progress)
-    with exclusive_lock(stage_folder(config, category, name).parent / f".{name}.lock"):
-        return stage.run(config, SHARED, show_progress=show_progress)
+    folder = stage_folder(config, category, name)
+    with exclusive_lock(folder.parent / f".{name}.lock"):
+        remove_stale_temps(folder, "*")  # under the lock, no writer of this folder is alive
+        return stage.run(config, SHARED if stage.shared else category, show_progress=show_progress)

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from effad_hpc.config import BackboneConfig, ExperimentConfig
+from effad_hpc.config import BackboneConfig, BaselineConfig, ExperimentConfig
 from effad_hpc.data import ImageDataset, load_category
 from effad_hpc.data.images import IMAGE_SUFFIXES
 from effad_hpc.data.mvtec import Sample
 from effad_hpc.errors import ConfigError, DataError
-from effad_hpc.features.backbones import Backbone, build_backbone
-from effad_hpc.features.extract import feature_key, store_dir
+from effad_hpc.features.backbones import Backbone, build_backbone, check_input_size
+from effad_hpc.features.extract import split_keys, store_dir
 from effad_hpc.features.store import FeatureDataset
 from effad_hpc.models.feature_maps import PREPARATIONS, Preparation
 from effad_hpc.utils.device import autocast
@@ -66,8 +66,8 @@ class StoredFeatures(FeatureSource):
     def __init__(self, config: ExperimentConfig, category: str, device: torch.device,
                  layers: Sequence[str] | None = None, preparation: Preparation = "coarsest"):
         super().__init__(config, device, layers, preparation)
-        folder, key = store_dir(config, category), feature_key(config)
-        self.splits = {split: FeatureDataset(folder, split, self.layers, expected_key=key)
+        folder, keys = store_dir(config, category), split_keys(config, category)
+        self.splits = {split: FeatureDataset(folder, split, self.layers, expected_key=keys[split])
                        for split in ("train", "validation")}
         self._set_shape({layer["name"]: (layer["channels"], layer["map_size"])
                          for layer in self.splits["train"].manifest["layers"]})
@@ -97,6 +97,13 @@ class BackboneFeatures:
         return PREPARATIONS[self.preparation]({name: f.float() for name, f in features.items()}, self.layers)
 
 
+def _image_size_key(config: ExperimentConfig, size: int) -> str:
+    """The config key that set ``size``: only a baseline passes a size of its own (``<section>.image_size``)."""
+    own = [f"{name}.image_size" for name, section in config
+           if isinstance(section, BaselineConfig) and section.image_size == size]
+    return " / ".join(own) if own and size != config.data.image_size else "data.image_size"
+
+
 class ComputedFeatures(FeatureSource):
     """Features computed by the frozen backbone on every batch; by default the config's backbone at
     ``data.image_size``, or another ``backbone`` config at ``image_size`` (a baseline's own)."""
@@ -110,6 +117,10 @@ class ComputedFeatures(FeatureSource):
         self.splits = {split: ImageDataset(data.samples(split), size) for split in ("train", "validation")}
         self.compute = BackboneFeatures(config, device, build_backbone(backbone) if backbone else None,
                                         layers=self.layers, preparation=preparation)
+        # SPADE's global layer (the last of pyramid_global) is pooled to one vector: its grid may be small.
+        mapped = self.layers[:-1] if preparation == "pyramid_global" else self.layers
+        check_input_size([layer for layer in self.compute.backbone.layers if layer.name in mapped], size,
+                         _image_size_key(config, size))
         self._set_shape({layer.name: (layer.channels, layer.map_size(size)) for layer in self.compute.backbone.layers})
 
     def size(self, split: str) -> int:

@@ -10,12 +10,32 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from effad_hpc.errors import StorageError
+
 TEMP_MARK = ".tmp-"
+NEARLY_FULL_BYTES = 16 << 20
+"""Free space below which a write failure that names no cause is taken for a full disk."""
+
+
+def write_failure(path: Path, exc: BaseException) -> StorageError | None:
+    """A file-system failure while writing ``path`` as a named error, or None for any other error.
+
+    torch.save reports a full disk as a RuntimeError ("unexpected pos") raised while handling the
+    OSError of the write, and some writers (tifffile) raise an OSError without an errno."""
+    cause = exc if isinstance(exc, OSError) else exc.__context__
+    if not isinstance(cause, OSError):
+        return None
+    reason = cause.strerror
+    if reason is None:
+        folder = next((p for p in Path(path).parents if p.is_dir()), Path("/"))
+        reason = "No space left on device" if shutil.disk_usage(folder).free < NEARLY_FULL_BYTES else str(cause)
+    return StorageError(f"{path}: cannot write: {reason}")
 
 
 def new_temp_path(final: Path) -> Path:
@@ -39,12 +59,17 @@ def publish(tmp: Path, final: Path) -> None:
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; publish it as ``final`` if the block succeeds,
     remove it if the block raises."""
-    tmp = new_temp_path(final)
+    try:
+        tmp = new_temp_path(final)
+    except OSError as exc:  # a read-only folder, or a path below a regular file
+        raise write_failure(final, exc) from None
     try:
         yield tmp
         publish(tmp, Path(final))
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if (failure := write_failure(final, exc)) is not None:
+            raise failure from None
         raise
 
 
@@ -58,7 +83,9 @@ def atomic_write_json(final: Path, obj: Any) -> None:
 
 
 def remove_stale_temps(folder: Path, stem: str) -> list[Path]:
-    """Delete temporaries of ``folder/stem`` left by killed writers; return what was removed."""
+    """Delete temporaries of ``folder/stem`` (a glob: ``*`` for every file) left by killed
+    writers; return what was removed. Only call it holding the lock that every writer of those
+    files holds, so that no live writer's temporary is taken for a dead one's."""
     removed = []
     for tmp in Path(folder).glob(f".{stem}{TEMP_MARK}*"):
         tmp.unlink(missing_ok=True)
