@@ -4,6 +4,7 @@ functions, each with the named error or the correct result it must give."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -133,6 +134,26 @@ def test_truncated_model_and_shard_are_incomplete_for_run_train_evaluate_and_sta
     assert_same_state(model_state(config, "grid", "padim"), reference)
 
 
+def test_train_retrains_a_stage_whose_model_was_replaced(tmp_path, own_data):
+    path, config = write_config(tmp_path, own_data, "run")
+    fitted = train(config, "padim", "grid", show_progress=False)[0]
+    reference = model_state(config, "grid", "padim")
+    model = stage_dir(config, "grid", "padim") / BEST_MODEL
+    torch.save({name: torch.zeros_like(value) for name, value in reference.items()}, model)
+    out = cli("train", "--config", path, "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert read_record(stage_dir(config, "grid", "padim")).finished_at >= fitted.finished_at
+    assert_same_state(model_state(config, "grid", "padim"), reference)
+
+
+def test_empty_mask_and_unknown_category_are_named_errors(tmp_path, own_data):
+    path, _ = write_config(tmp_path, own_data, "run")
+    one_line_error(cli("evaluate", "--config", path, "--category", "carpet"), "--category 'carpet'", "grid")
+    mask = sorted((own_data / "grid" / "ground_truth").glob("*/*_mask.png"))[0]
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(mask)))).save(mask)
+    one_line_error(cli("evaluate", "--config", path), str(mask), "marks no pixel")
+
+
 def test_evaluation_with_a_lost_map_is_redone(tmp_path, own_data):
     _, config = write_config(tmp_path, own_data, "run")
     train(config, "padim", "grid", show_progress=False)
@@ -183,6 +204,19 @@ def test_two_train_processes_into_a_fresh_folder_both_finish_with_one_result(tmp
     store = store_dir(config, "grid")
     assert not [p for p in store.iterdir() if ".tmp-" in p.name]
     assert is_complete(config, Node("grid", "extract")) and is_complete(config, Node("grid", "padim"))
+
+
+def test_two_runs_of_one_config_keep_both_submissions_and_finish_every_stage(tmp_path, own_data):
+    path, config = write_config(tmp_path, own_data, "run")
+    command = [sys.executable, "-m", "effad_hpc", "run", "--config", str(path), "--executor", "local", "--poll", "1"]
+    processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stdout + stderr
+    submissions = json.loads((config.run.out_dir / "jobs.json").read_text())["submissions"]
+    assert len(submissions) == 2
+    assert {s.state for s in run_states(config)} == {"DONE"}
 
 
 # --- file-system faults as named errors -----------------------------------------------------------
