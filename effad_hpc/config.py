@@ -89,7 +89,9 @@ class DataConfig(Section):
 
 class BackboneConfig(Section):
     name: str = "tf_efficientnet_lite0"
-    """A timm model name."""
+    """A timm model and its weights, ``NAME.TAG`` (``tf_efficientnet_b5.aa_in1k``): pretrained weights
+    from the cache must be named by their tag. Only the offline Lite0 (its pinned package) and
+    ``pretrained: false`` or a ``weights_path`` take a bare name."""
     layers: Annotated[list[str], Field(min_length=1)] = ["blocks.4"]
     """Module names whose outputs are the features, e.g. ``blocks.5`` (EfficientNet stage 5)."""
     pretrained: bool = True
@@ -157,24 +159,45 @@ class TeacherConfig(TrainedStage):
         return self
 
 
-class StudentConfig(TrainedStage):
-    """AST student and the EfficientAD-AST student + feature autoencoder (SPEC sections 2-3)."""
+class PenaltySettings(Section):
+    """EfficientAD's penalty: mean(student(image)^2) on ImageNet-like images keeps the student from
+    imitating the teacher off the category's images (SPEC sections 1 and 3)."""
+
+    penalty: bool = True
+    """``false`` switches the penalty off; ``true`` adds it when there is a folder (``penalty_images``)."""
+    penalty_images: ConfigPath | None = None
+    """The penalty's image folder (searched recursively); unset: the top-level ``imagenet``."""
+
+    def penalty_folder(self) -> Path | None:
+        """The folder the penalty reads, or None when it is switched off or has no folder."""
+        return self.penalty_images if self.penalty else None
+
+
+class ASTStudentConfig(TrainedStage):
+    """The AST baseline's residual student, as its paper trains it (SPEC section 2): 240 epochs,
+    no early stopping, no penalty."""
 
     hidden_channels: PositiveInt = 1024
     residual_blocks: PositiveInt = 4
-    patience_fraction: Fraction | None = 0.1
+    epochs: PositiveInt = 240
     loss_percentile: Annotated[float, Field(gt=0, le=1)] = 1.0
-    """1.0 uses every element (thesis); 0.999 is EfficientAD's hard feature loss."""
-    penalty_images: ConfigPath | None = None
-    """Optional ImageNet-like image folder for the penalty loss (searched recursively)."""
+    """1.0 uses every element (AST and the thesis); 0.999 is EfficientAD's hard feature loss."""
+
+
+class StudentConfig(PenaltySettings, ASTStudentConfig):
+    """The EfficientAD-AST student + feature autoencoder (SPEC section 3): at most 100 epochs with
+    early stopping, and the penalty."""
+
+    epochs: PositiveInt = 100
+    patience_fraction: Fraction | None = 0.1
     ae_channels: PositiveInt = 64
-    """Autoencoder code width (EfficientAD-AST only)."""
+    """Autoencoder code width."""
     ae_upsampling_stages: NonNegativeInt = 2
     """Nearest x2 upsampling steps in the autoencoder's decoder before pooling back to the grid."""
     ae_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
 
-class EfficientADConfig(Section):
+class EfficientADConfig(PenaltySettings):
     """EfficientAD-S/M training on images (SPEC section 1); the teacher comes from ``distillation``."""
 
     image_size: Annotated[int, Field(ge=64, multiple_of=32)] = 256
@@ -187,8 +210,6 @@ class EfficientADConfig(Section):
     """Multiply the learning rate by 0.1 after this fraction of the steps."""
     hard_quantile: Annotated[float, Field(gt=0, le=1)] = 0.999
     """Hard feature loss: only elements at or above this quantile of the squared error count."""
-    penalty_images: ConfigPath | None = None
-    """Optional ImageNet-like image folder (searched recursively) for the student's penalty loss."""
     augmentation: Annotated[float, Field(ge=0, lt=1)] = 0.2
     """Strength of the brightness / contrast / saturation jitter (one, at random) of the AE input."""
     ae_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
@@ -204,8 +225,8 @@ class EfficientADConfig(Section):
         return self
 
 
-DISTILLATION_BACKBONE = BackboneConfig(name="wide_resnet101_2", layers=["layer2", "layer3"])
-"""The paper's: WideResNet-101 ``layer2`` + ``layer3``."""
+DISTILLATION_BACKBONE = BackboneConfig(name="wide_resnet101_2.tv_in1k", layers=["layer2", "layer3"])
+"""The paper's: WideResNet-101 ``layer2`` + ``layer3`` with torchvision's ImageNet weights."""
 
 
 class DistillationConfig(Section):
@@ -225,8 +246,12 @@ class DistillationConfig(Section):
     batch_size: PositiveInt = 16
     lr: PositiveFloat = 1e-4
     weight_decay: Annotated[float, Field(ge=0)] = 1e-5
-    normalization_images: PositiveInt = 1_000
-    """Images whose target features give the per-channel mean and std the targets are normalized with."""
+    normalization_images: PositiveInt = 10_000
+    """Images whose target features give the per-channel mean and std the targets are normalized with
+    (the authors' pretraining: 10,000; the folder is cycled through when it has fewer)."""
+    grayscale: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """Probability that a distillation image is turned grey, for the backbone and the PDN alike
+    (the authors' pretraining: ``RandomGrayscale(0.1)``)."""
     checkpoint_every: PositiveInt = 1_000
 
     @field_validator("backbone", mode="before")
@@ -332,16 +357,27 @@ class RunConfig(Section):
     """Autocast on GPU; the CPU always computes in float32."""
 
 
+IMAGENET_KEYS = (("distillation", "images"), ("student", "penalty_images"), ("efficientad", "penalty_images"))
+"""The (section, key) folders that the top-level ``imagenet`` stands in for when they are unset."""
+
+
 class ExperimentConfig(Section):
     name: str
     seed: int = 0
     models: Annotated[list[str], Field(min_length=1)] = ["efficientad_ast"]
     """Registered model names (see ``effad-hpc train --help``) that a run trains and evaluates."""
     data: DataConfig
+    imagenet: ConfigPath | None = None
+    """ImageNet-like image folder for what EfficientAD trains on ImageNet: the teacher distillation
+    (``distillation.images``, when there is a distillation section) and the penalties
+    (``student.penalty_images``, ``efficientad.penalty_images``); a key set there wins."""
     backbone: BackboneConfig = BackboneConfig()
     features: FeaturesConfig = FeaturesConfig()
     teacher: TeacherConfig = TeacherConfig()
+    ast_student: ASTStudentConfig = ASTStudentConfig()
+    """The ``ast`` baseline's student; the flow teacher is shared with EfficientAD-AST."""
     student: StudentConfig = StudentConfig()
+    """EfficientAD-AST's student + autoencoder."""
     efficientad: EfficientADConfig = EfficientADConfig()
     distillation: DistillationConfig | None = None
     """Required by EfficientAD-S/M."""
@@ -351,6 +387,25 @@ class ExperimentConfig(Section):
     inference: InferenceConfig = InferenceConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _imagenet_fills_unset_folders(cls, raw: Any) -> Any:
+        # Filled before validation, so that the resolved config names every folder a stage reads
+        # and distillation's own check (images or teacher_weights) sees the filled one.
+        folder = raw.get("imagenet") if isinstance(raw, dict) else None
+        if not isinstance(folder, (str, Path)):  # unset, or a wrong type that field validation names
+            return raw
+        filled = dict(raw)
+        for section, key in IMAGENET_KEYS:
+            # An absent student or efficientad section means its defaults; distillation stays absent
+            # (no teacher to distill: `prefetch` would fetch its backbone for nothing).
+            value = raw.get(section, None if section == "distillation" else {})
+            if isinstance(value, dict) and value.get(key) is None:
+                filled[section] = value | {key: folder}
+            elif isinstance(value, Section) and getattr(value, key) is None:
+                filled[section] = value.model_copy(update={key: _absolute(Path(folder))})
+        return filled
 
     @model_validator(mode="after")
     def _stored_baseline_layers_are_stored(self) -> ExperimentConfig:
@@ -372,8 +427,8 @@ class ExperimentConfig(Section):
                              f"{spade_layers}: name a deeper one (the paper: the last)")
         if any(model.startswith("efficientad_") and model != "efficientad_ast" for model in self.models) \
                 and self.distillation is None:
-            raise ValueError("EfficientAD-S/M need a teacher: add a distillation section "
-                             "(distillation.images to distill one, or distillation.teacher_weights)")
+            raise ValueError("EfficientAD-S/M need a teacher: add a distillation section (distillation.images, or "
+                             "with imagenet set `distillation: {}`, to distill one, or distillation.teacher_weights)")
         return self
 
     def backbone_or_main(self, own: BackboneConfig | None) -> BackboneConfig:

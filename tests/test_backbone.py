@@ -44,16 +44,18 @@ def test_extractor_is_frozen_and_reports_its_layers():
 
 
 def test_efficientnet_b5_stage5_matches_the_thesis_shapes():
-    backbone = build_backbone(BackboneConfig(name="efficientnet_b5", layers=["blocks.5"], pretrained=False))
+    backbone = build_backbone(BackboneConfig(name="tf_efficientnet_b5.aa_in1k", layers=["blocks.5"], pretrained=False))
     assert (backbone.layers[0].channels, backbone.layers[0].stride) == (304, 32)
     assert backbone.layers[0].map_size(768) == 24
 
 
 def test_missing_weights_name_the_backbone_and_prefetch(tmp_path):
-    config = BackboneConfig(name="efficientnet_b5", layers=["blocks.5"], cache_dir=tmp_path / "empty-cache")
+    config = BackboneConfig(name="tf_efficientnet_b5.aa_in1k", layers=["blocks.5"], cache_dir=tmp_path / "empty-cache")
     with pytest.raises(WeightsError) as err:
         build_backbone(config)
-    assert "efficientnet_b5" in str(err.value) and "effad-hpc prefetch" in str(err.value)
+    message = str(err.value)
+    assert "tf_efficientnet_b5.aa_in1k" in message and "timm/tf_efficientnet_b5.aa_in1k" in message
+    assert "effad-hpc prefetch" in message
 
 
 def test_weights_path_is_loaded_or_named(tmp_path):

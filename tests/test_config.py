@@ -19,7 +19,7 @@ def test_shipped_configs_validate(name):
 def test_thesis_config_holds_thesis_settings():
     config = load_config(REPO / "configs" / "mvtec_ad.yaml")
     backbone = (config.backbone.name, config.backbone.layers, config.data.image_size)
-    assert backbone == ("efficientnet_b5", ["blocks.5"], 768)
+    assert backbone == ("tf_efficientnet_b5.aa_in1k", ["blocks.5"], 768)
     assert (config.teacher.hidden_channels, config.teacher.batch_size, config.teacher.epochs) == (1024, 8, 240)
     assert (config.student.epochs, config.student.patience_fraction, config.student.loss_percentile) == (100, 0.1, 1.0)
 
@@ -69,7 +69,7 @@ def test_overrides_pass_the_same_validation(make_config):
         load_config(path, ["seed.x=1"])
     # a partial distillation backbone keeps the paper's WideResNet-101 for the keys it leaves out
     config = load_config(path, ["distillation.images=/data/imagenet", "distillation.backbone.cache_dir=/shared/hf"])
-    assert config.distillation.backbone.name == "wide_resnet101_2"
+    assert config.distillation.backbone.name == "wide_resnet101_2.tv_in1k"
     assert config.distillation.backbone.layers == ["layer2", "layer3"]
     assert str(config.distillation.backbone.cache_dir) == "/shared/hf"
     # a glob is text on the command line, though YAML would read `*...` as an alias

@@ -257,7 +257,8 @@ def test_thresholds_and_scores_do_not_depend_on_test_labels(evaluated_ad, tmp_pa
     blind = config.model_copy(update={"run": config.run.model_copy(update={"out_dir": tmp_path})})
     detector = load_detector(config, "efficientad_ast", "fabric", torch.device("cpu"))
     with Progress(disable=True) as progress:
-        thresholds = fit_thresholds(detector, data.samples("validation"), config, torch.device("cpu"), progress)
+        thresholds = fit_thresholds(detector, data.samples("validation"), config, "efficientad_ast", "fabric",
+                                    torch.device("cpu"), progress)
         predictions = predict_test(detector, anonymous, blind, "efficientad_ast", "fabric", torch.device("cpu"),
                                    progress)
     assert (thresholds.image, thresholds.pixel) == (result["thresholds"]["image"], result["thresholds"]["pixel"])

@@ -276,8 +276,8 @@ def test_read_only_and_file_paths_are_named_errors(tmp_path, own_data, small_fs)
 
 def test_full_disk_in_extraction_training_and_evaluation_then_a_rerun_finishes(tmp_path, own_data, small_fs):
     changes = {"models": ["ast"], "teacher.hidden_channels": 32, "teacher.epochs": 2, "teacher.batch_size": 4,
-               "student.hidden_channels": 32, "student.residual_blocks": 1, "student.epochs": 2,
-               "student.batch_size": 4, "student.patience_fraction": None, "evaluation.latency_repeats": 2}
+               "ast_student.hidden_channels": 32, "ast_student.residual_blocks": 1, "ast_student.epochs": 2,
+               "ast_student.batch_size": 4, "evaluation.latency_repeats": 2}
     reference_path, reference = write_config(tmp_path, own_data, "reference", changes)
     assert cli("run", "--config", reference_path, "--executor", "debug").returncode == 0
 

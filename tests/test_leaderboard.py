@@ -20,13 +20,19 @@ from effad_hpc.leaderboard import (
 from tests.conftest import REPO
 
 
-def _metrics(run: Path, model: str, category: str, created: str, validation: float, **metrics) -> Path:
+PAPER_LENGTHS = {"teacher": {"trained": 240, "paper": 240, "unit": "epochs"},
+                 "student_ae": {"trained": 100, "paper": 100, "unit": "epochs"}}
+SHORT_STUDENT = PAPER_LENGTHS | {"student_ae": {"trained": 20, "paper": 100, "unit": "epochs"}}
+
+
+def _metrics(run: Path, model: str, category: str, created: str, validation: float, budget=PAPER_LENGTHS,
+             **metrics) -> Path:
     path = run / model / "results" / category / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "schema_version": 1, "key": "k", "model": model, "category": category, "dataset": "mvtec_ad",
         "layout": "mvtec_ad", "run_name": run.name, "config_hash": f"h-{run.name}", "code_version": "0.1.0",
-        "created_at": created, "metrics": metrics,
+        "created_at": created, "metrics": metrics, "budget": budget,
         "training": {"teacher": {"best_validation": 0.1}, "student_ae": {"best_validation": validation}},
     }))
     return path
@@ -39,30 +45,33 @@ def two_runs(tmp_path):
              image_auroc=0.9, pixel_auroc=0.8, train_seconds_total=10.0)
     _metrics(first, "efficientad_ast", "carpet", "2026-01-01T00:00:00+00:00", 0.5,
              image_auroc=1.0, pixel_auroc=0.7, train_seconds_total=20.0)
-    _metrics(second, "efficientad_ast", "bottle", "2026-02-01T00:00:00+00:00", 0.9,
+    _metrics(second, "efficientad_ast", "bottle", "2026-02-01T00:00:00+00:00", 0.9, SHORT_STUDENT,
              image_auroc=0.95, pixel_auroc=0.85, train_seconds_total=30.0)
     return first, second
 
 
-HEADER = ("dataset,model,category,category_type,trial,source,run_id,config_hash,code_version,created_at,"
+HEADER = ("dataset,model,category,category_type,trial,source,budget,run_id,config_hash,code_version,created_at,"
           "image_auroc,pixel_auroc,train_seconds_total\n")
-CARPET = "mvtec_ad,efficientad_ast,carpet,texture,,measured,run1,h-run1,0.1.0,2026-01-01T00:00:00+00:00,1,0.7,20\n"
+CARPET = ("mvtec_ad,efficientad_ast,carpet,texture,,measured,paper,run1,h-run1,0.1.0,2026-01-01T00:00:00+00:00,"
+          "1,0.7,20\n")
 
 
 def test_latest_rule_gives_the_exact_csvs(two_runs, tmp_path):
     board = build_leaderboard(two_runs, "latest")
     write_leaderboard(board, tmp_path / "out")
     assert (tmp_path / "out" / "leaderboard.csv").read_text() == HEADER + (
-        "mvtec_ad,efficientad_ast,bottle,object,,measured,run2,h-run2,0.1.0,2026-02-01T00:00:00+00:00,0.95,0.85,30\n"
+        "mvtec_ad,efficientad_ast,bottle,object,,measured,reduced: student_ae 20/100 epochs,run2,h-run2,0.1.0,"
+        "2026-02-01T00:00:00+00:00,0.95,0.85,30\n"
     ) + CARPET
     assert (tmp_path / "out" / "leaderboard_summary.csv").read_text() == (
-        "dataset,model,source,categories,image_auroc,pixel_auroc,texture_image_auroc,texture_pixel_auroc,"
+        "dataset,model,source,budget,categories,image_auroc,pixel_auroc,texture_image_auroc,texture_pixel_auroc,"
         "object_image_auroc,object_pixel_auroc,train_seconds_total\n"
-        "mvtec_ad,efficientad_ast,measured,2,0.975,0.775,1,0.7,0.95,0.85,50\n")
+        "mvtec_ad,efficientad_ast,measured,mixed,2,0.975,0.775,1,0.7,0.95,0.85,50\n")
     assert len(board.merged) == 1 and "mvtec_ad/efficientad_ast/bottle: 2 results" in board.merged[0]
     assert "rule: latest" in board.merged[0]
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert "| mvtec_ad | efficientad_ast | measured | 2 | 0.9750 |" in markdown
+    assert "| mvtec_ad | efficientad_ast | measured | mixed | 2 | 0.9750 |" in markdown
+    assert "| bottle | measured | reduced: student_ae 20/100 epochs |" in markdown
     assert (tmp_path / "out" / "auroc_per_category_mvtec_ad.png").stat().st_size > 1000
 
 
@@ -141,3 +150,21 @@ def test_cli_merges_runs_and_prints_the_rule(two_runs, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "merged: mvtec_ad/efficientad_ast/bottle: 2 results" in out.stdout and "rule: best" in out.stdout
     assert (tmp_path / "board" / "leaderboard.md").is_file()
+
+
+def test_demo_results_are_marked_reduced_and_the_thesis_configs_paper():
+    from effad_hpc.config import load_config
+    from effad_hpc.evaluation.evaluate import training_budget
+    from effad_hpc.leaderboard.build import budget_label
+
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert "efficientad_s" not in demo.models  # no meaningful point within the demo's minutes
+    assert budget_label(training_budget(demo, "efficientad_ast")) == \
+        "reduced: teacher 20/240 epochs, student_ae 20/100 epochs"
+    assert budget_label(training_budget(demo, "efficientad_s")) == \
+        "reduced: distill_s 60/60000 steps, efficientad_s 100/70000 steps"
+    assert budget_label(training_budget(demo, "patchcore")) == "paper"  # fitted: no length to fall short of
+    for name in ("mvtec_ad", "mvtec_loco"):
+        thesis = load_config(REPO / "configs" / f"{name}.yaml", ["imagenet=/data/imagenet"])
+        assert {model: budget_label(training_budget(thesis, model)) for model in thesis.models} == {
+            model: "paper" for model in thesis.models}

@@ -39,13 +39,24 @@ def test_flow_is_invertible_and_its_log_det_matches_autograd():
     torch.testing.assert_close(log_det[0], log_abs_det, atol=1e-8, rtol=1e-8)
 
 
-def test_soft_clamp_bounds_the_log_scale():
-    teacher = ASTTeacher(4, 2, **TEACHER | {"clamp": 0.5})
-    _randomize(teacher, scale=20.0)  # huge coupling outputs
-    _, log_det = teacher(torch.randn(1, 4, 2, 2))
-    # per coupling and element |s| <= clamp * 0.636 * pi / 2 ~ clamp; 2 couplings x 2 halves cover
-    # every element twice: |log det| <= 2 * 16 * clamp
-    assert log_det.abs().item() <= 2 * 16 * 0.5 * 0.636 * torch.pi / 2 + 1e-4
+@pytest.mark.parametrize("raw, clamped", [  # at clamp 3: clamp * 0.636 * atan(raw / clamp)
+    (0.0, 0.0), (3.0, 3.0 * 0.636 * torch.pi / 4), (-3.0, -3.0 * 0.636 * torch.pi / 4), (1.5, 3.0 * 0.636 * 0.4636476),
+    (1e6, 3.0 * 0.636 * torch.pi / 2),
+])
+def test_soft_clamp_is_clamp_0636_atan_of_s_over_clamp(raw, clamped):
+    """Through the real coupling block, whose subnets output the constant log-scale ``raw`` (their
+    last conv is zero but for its bias): every element is scaled by exp(clamped). FrEIA's own
+    clamps, clamp * 0.636 * atan(s) and clamp * tanh(s), differ at s = 1.5 and 3 (and tanh at 1e6)."""
+    teacher = ASTTeacher(4, 2, **TEACHER | {"coupling_blocks": 1, "kernel_sizes": [3], "clamp": 3.0})
+    coupling = teacher.flow.flow.module_list[-1]
+    for subnet in (coupling.subnet1, coupling.subnet2):  # output channels: 2 log-scales, then 2 shifts
+        subnet[-1].bias.data = torch.tensor([raw, raw, 0.0, 0.0])
+    features = torch.rand(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)) + 0.5
+    z, log_det = teacher(features)
+    assert log_det.item() == pytest.approx(16 * clamped, rel=1e-5, abs=1e-6)
+    # the permutation only reorders the channels; each element is multiplied by exp(clamped)
+    scaled = features.flatten() * torch.exp(torch.tensor(clamped))
+    torch.testing.assert_close(z.flatten().sort().values, scaled.sort().values, rtol=1e-5, atol=1e-6)
 
 
 def test_positional_encoding_distinguishes_every_position():
@@ -67,7 +78,7 @@ def test_hard_mse_keeps_the_hardest_elements():
 
 @pytest.mark.parametrize(("backbone", "layers", "image_size", "channels", "grid"), [
     ("tf_efficientnet_lite0", ["blocks.4"], 256, 112, 16),
-    ("efficientnet_b5", ["blocks.5"], 768, 304, 24),
+    ("tf_efficientnet_b5.aa_in1k", ["blocks.5"], 768, 304, 24),
 ])
 def test_shapes_follow_the_backbone(backbone, layers, image_size, channels, grid):
     extracted = build_backbone(BackboneConfig(name=backbone, layers=layers, pretrained=False))

@@ -26,6 +26,8 @@ SMALL_NETS = {
     "teacher.hidden_channels": 32, "teacher.epochs": 4, "teacher.batch_size": 4,
     "student.hidden_channels": 32, "student.residual_blocks": 1, "student.epochs": 4, "student.batch_size": 4,
     "student.patience_fraction": None,
+    "ast_student.hidden_channels": 32, "ast_student.residual_blocks": 1, "ast_student.epochs": 4,
+    "ast_student.batch_size": 4,
 }
 
 
@@ -87,8 +89,8 @@ def test_moving_the_weights_cache_keeps_every_stage_key(synthetic_fabric, tmp_pa
 def test_early_stopping_keeps_the_best_validation_model(make_config):
     # A learning rate far too high makes the validation loss rise again: early stopping must end
     # the stage after the patience and keep the best epoch's weights.
-    _, config = make_config(SMALL_NETS | {"student.epochs": 20, "student.patience_fraction": 0.1,
-                                          "student.lr": 0.05})
+    _, config = make_config(SMALL_NETS | {"ast_student.epochs": 20, "ast_student.patience_fraction": 0.1,
+                                          "ast_student.lr": 0.05})
     _, record = train(config, "ast", "fabric", show_progress=False)
     log = read_log(stage_dir(config, "fabric", "student"))
     values = [float(row["validation"]) for row in log]
@@ -99,7 +101,7 @@ def test_early_stopping_keeps_the_best_validation_model(make_config):
     source = StoredFeatures(config, "fabric", torch.device("cpu"))
     model = recipe("ast").build(config, source.channels, source.map_size, {})
     model.load_state_dict(load_state(stage_dir(config, "fabric", "student") / BEST_MODEL))
-    rerun = StageRun("student", "fabric", stage_dir(config, "fabric", "student"), record.key, config.student, model,
+    rerun = StageRun("student", "fabric", stage_dir(config, "fabric", "student"), record.key, config.ast_student, model,
                      model.losses, source, config.seed)
     assert _validate(rerun) == pytest.approx(record.best_validation, rel=1e-5)
 

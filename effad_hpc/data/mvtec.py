@@ -15,7 +15,8 @@ MVTec LOCO AD::
     <category>/defects_config.json
 
 Indexing checks the layout and every mask's size against its image (from the file headers, so it
-is cheap); pixels are decoded only when a sample is loaded.
+is cheap); pixels are decoded only when a sample is loaded. :func:`check_ground_truth` decodes
+every mask once to check its pixel values; ``train`` and evaluation call it before their work.
 """
 
 from __future__ import annotations
@@ -251,6 +252,45 @@ def read_category(root: Path, layout: Layout, validation_fraction: float = 0.1, 
     if layout == "mvtec_loco":
         return _read_loco(root)
     raise DataError(f"unknown layout {layout!r} (expected mvtec_ad or mvtec_loco)")
+
+
+def mask_values(path: Path) -> np.ndarray:
+    """The distinct nonzero pixel values of a ground-truth PNG, ascending."""
+    values = read_label_map(path)
+    if values.dtype == np.uint8:  # a 256-bin count is several times faster than sorting the pixels
+        return np.flatnonzero(np.bincount(values.ravel(), minlength=256)[1:]) + 1
+    present = np.unique(values)
+    return present[present > 0]
+
+
+def check_ground_truth(data: CategoryData) -> list[Sample]:
+    """Decode every mask of the test split once and check its pixel values: a LOCO value that
+    ``defects_config.json`` does not list, or an MVTec AD mask that marks no pixel, is a DataError.
+    Returns the defective LOCO images whose region files mark no pixel (LOCO ships a few; their
+    pixel metrics are undefined).
+
+    Not part of :func:`read_category`: every stage indexes its category, and decoding a few hundred
+    masks costs seconds each time. ``train`` and evaluation call it once, before their work, so that
+    a bad mask stops a run before training rather than after inference.
+    """
+    unannotated, empty_ad_masks = [], []
+    for sample in data.samples("test"):
+        if not sample.mask_paths:
+            continue
+        annotated = False
+        for mask_path in sample.mask_paths:
+            present = mask_values(mask_path)
+            annotated |= present.size > 0
+            unlisted = [value for value in present.tolist() if value not in data.defects]
+            if data.layout == "mvtec_loco" and unlisted:
+                raise DataError(f"{mask_path}: pixel value {unlisted[0]} is not listed in "
+                                f"{data.root / 'defects_config.json'} (it lists {sorted(data.defects)})")
+        if not annotated:
+            (empty_ad_masks if data.layout == "mvtec_ad" else unannotated).append(sample)
+    if empty_ad_masks:
+        raise DataError(f"{empty_ad_masks[0].mask_paths[0]}: the mask of a defective test image marks no pixel "
+                        f"({len(empty_ad_masks)} such mask(s)); draw the defect, or move the image to test/good")
+    return unannotated
 
 
 def list_categories(root: Path) -> list[str]:

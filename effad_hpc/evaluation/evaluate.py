@@ -27,7 +27,9 @@ type against the good test images; for LOCO ``auroc_logical_anomalies``,
 ``auroc_structural_anomalies`` and ``auroc_loco_mean``), ``au_spro_<limit>_{logical,structural,mean}``
 (LOCO), ``teacher_auc_mean`` / ``teacher_auc_max`` (AST teachers), ``latency_ms``,
 ``throughput_ips``, ``train_seconds_<stage>``, ``best_epoch_<stage>``, ``final_epoch_<stage>``,
-``train_seconds_total``; ``training``: the stage records.
+``train_seconds_total``; ``training``: the stage records; ``budget``: per trained stage the
+epochs or steps it was trained for against its paper's; ``warnings``; ``artifacts``: the size of
+every map, which a rerun checks before it skips.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ from torch.utils.data import DataLoader
 from effad_hpc.config import ExperimentConfig, config_hash, stable_hash
 from effad_hpc.data import GOOD, ImageDataset, category_fingerprints, dataset_name, load_category
 from effad_hpc.data.images import image_size, read_rgb
-from effad_hpc.data.mvtec import CategoryData, Sample
-from effad_hpc.errors import DataError
+from effad_hpc.data.mvtec import CategoryData, Sample, check_ground_truth
+from effad_hpc.errors import TrainingError
 from effad_hpc.evaluation import outputs
 from effad_hpc.evaluation.metrics import (
+    QUANTILE_SAMPLE_PER_BIN,
     PixelCurves,
     ThresholdScores,
     auroc,
@@ -61,10 +64,11 @@ from effad_hpc.evaluation.metrics import (
     image_oracle,
     image_threshold_scores,
     pro_regions,
+    sample_pixels,
     spro_regions,
 )
 from effad_hpc.models import AnomalyDetector, image_scores
-from effad_hpc.training import load_detector, read_log, read_record, recipe, stage_folder, stage_key
+from effad_hpc.training import STAGES, load_detector, read_log, read_record, recipe, stage_folder, stage_key
 from effad_hpc.utils.atomic import atomic_write_json, exclusive_lock, remove_stale_temps
 from effad_hpc.utils.device import autocast, resolve_device
 from effad_hpc.utils.provenance import code_version
@@ -116,12 +120,24 @@ class TestPredictions:
     teacher_max: np.ndarray | None
     low: float
     high: float
+    pixel_sample: np.ndarray
+    """A seeded random subset of the test pixels (at most QUANTILE_SAMPLE_PER_BIN per bin): the bin edges."""
 
 
-def _full_size_maps(detector: AnomalyDetector, samples: Sequence[Sample], config: ExperimentConfig,
-                    device: torch.device, progress: Progress, description: str
+def _check_finite(anomaly_map: np.ndarray, score: float, model: str, category: str, sample: Sample) -> None:
+    """A NaN or infinite map (e.g. EfficientAD with q_a == q_b) would pass silently into every metric."""
+    bad = int(np.count_nonzero(~np.isfinite(anomaly_map)))
+    if bad or not np.isfinite(score):
+        raise TrainingError(f"model {model}, category {category}, image {sample.path}: anomaly map has NaN/inf values "
+                            f"({bad} of {anomaly_map.size} pixels, image score {score}); the trained model is broken "
+                            "(a diverged training, or equal map-normalization quantiles): train it again")
+
+
+def _full_size_maps(detector: AnomalyDetector, samples: Sequence[Sample], config: ExperimentConfig, model: str,
+                    category: str, device: torch.device, progress: Progress, description: str
                     ) -> Iterator[tuple[int, np.ndarray, float, np.ndarray | None]]:
-    """Per sample: (index, combined map at the original image size, image score, teacher grid map)."""
+    """Per sample: (index, combined map at the original image size, image score, teacher grid map);
+    a map with a NaN or infinite value is a TrainingError naming the model, category and image."""
     loader = DataLoader(ImageDataset(samples, detector.image_size), batch_size=config.inference.batch_size,
                         num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
     task = progress.add_task(description, total=len(samples))
@@ -132,22 +148,22 @@ def _full_size_maps(detector: AnomalyDetector, samples: Sequence[Sample], config
             width, height = image_size(samples[index].path)
             combined = detector.to_size({"combined": grid["combined"][row:row + 1]}, (height, width))["combined"]
             teacher = grid["teacher"][row].float().cpu().numpy() if "teacher" in grid else None
-            score = model_scores[row] if model_scores is not None else image_scores(combined, detector.score)[0]
-            yield index, combined[0].cpu().numpy(), float(score), teacher
+            score = float(model_scores[row] if model_scores is not None else image_scores(combined, detector.score)[0])
+            anomaly_map = combined[0].cpu().numpy()
+            _check_finite(anomaly_map, score, model, category, samples[index])
+            yield index, anomaly_map, score, teacher
             progress.advance(task)
 
 
-def fit_thresholds(detector: AnomalyDetector, validation: Sequence[Sample], config: ExperimentConfig,
-                   device: torch.device, progress: Progress) -> Thresholds:
+def fit_thresholds(detector: AnomalyDetector, validation: Sequence[Sample], config: ExperimentConfig, model: str,
+                   category: str, device: torch.device, progress: Progress) -> Thresholds:
     """Image and pixel thresholds from quantiles of the validation split's scores (good images only)."""
     rng = np.random.default_rng(config.seed)
     scores, pixels = [], []
-    for _, anomaly_map, score, _ in _full_size_maps(detector, validation, config, device, progress, "validation"):
+    maps = _full_size_maps(detector, validation, config, model, category, device, progress, "validation")
+    for _, anomaly_map, score, _ in maps:
         scores.append(score)
-        values = anomaly_map.ravel()
-        if values.size > VALIDATION_PIXELS_PER_IMAGE:
-            values = rng.choice(values, VALIDATION_PIXELS_PER_IMAGE, replace=False)
-        pixels.append(values)
+        pixels.append(sample_pixels(anomaly_map, VALIDATION_PIXELS_PER_IMAGE, rng))
     return Thresholds(float(np.quantile(scores, config.evaluation.image_threshold_quantile)),
                       float(np.quantile(np.concatenate(pixels), config.evaluation.pixel_threshold_quantile)),
                       len(scores))
@@ -155,19 +171,24 @@ def fit_thresholds(detector: AnomalyDetector, validation: Sequence[Sample], conf
 
 def predict_test(detector: AnomalyDetector, test: Sequence[Sample], config: ExperimentConfig, model: str,
                  category: str, device: torch.device, progress: Progress) -> TestPredictions:
-    """Write every test map as TIFF and collect the image scores; reads no label."""
+    """Write every test map as TIFF and collect the image scores and a sample of the pixels; reads no label."""
     scores = np.zeros(len(test))
     teacher_mean, teacher_max = np.zeros(len(test)), np.zeros(len(test))
     has_teacher, low, high = False, np.inf, -np.inf
-    for index, anomaly_map, score, teacher in _full_size_maps(detector, test, config, device, progress, "test"):
+    rng = np.random.default_rng(config.seed)
+    pixels_per_map = -(-QUANTILE_SAMPLE_PER_BIN * config.evaluation.bins // max(len(test), 1))
+    pixel_sample = []
+    for index, anomaly_map, score, teacher in _full_size_maps(detector, test, config, model, category, device,
+                                                              progress, "test"):
         outputs.write_map(sample_output(config, model, "maps", category, test[index], ".tiff"), anomaly_map)
         scores[index] = score
         low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
+        pixel_sample.append(sample_pixels(anomaly_map, pixels_per_map, rng))
         if teacher is not None:
             has_teacher = True
             teacher_mean[index], teacher_max[index] = teacher.mean(), teacher.max()
     return TestPredictions(scores, teacher_mean if has_teacher else None, teacher_max if has_teacher else None,
-                           low, high)
+                           low, high, np.concatenate(pixel_sample) if pixel_sample else np.zeros(0, np.float32))
 
 
 def _regions(data: CategoryData, sample: Sample):
@@ -181,7 +202,7 @@ def score_pixels(data: CategoryData, test: Sequence[Sample], config: ExperimentC
                  predictions: TestPredictions, thresholds: Thresholds, progress: Progress
                  ) -> tuple[PixelCurves, ThresholdScores]:
     """Stream the written maps against the ground truth; write masks and overlays on the way."""
-    curves = PixelCurves(predictions.low, predictions.high, config.evaluation.bins)
+    curves = PixelCurves(predictions.low, predictions.high, config.evaluation.bins, predictions.pixel_sample)
     tp = fp = fn = 0
     task = progress.add_task("pixel metrics", total=len(test))
     for sample in test:
@@ -310,6 +331,16 @@ def read_metrics(folder: Path) -> dict | None:
     return metrics if isinstance(metrics, dict) else None
 
 
+def training_budget(config: ExperimentConfig, model: str) -> dict[str, dict]:
+    """``{stage: {"trained", "paper", "unit"}}``: how long the config trains each of the model's
+    stages against its paper (the leaderboard marks results trained for less)."""
+    budget = {}
+    for stage in recipe(model).stages:
+        if (length := STAGES[stage].budget) is not None and (trained := length.configured(config)) is not None:
+            budget[stage] = {"trained": trained, "paper": length.paper, "unit": length.unit}
+    return budget
+
+
 def completed_metrics(config: ExperimentConfig, model: str, category: str) -> dict | None:
     """The category's metrics.json when it is current (same key and schema) and every map it
     vouches for is there with its size, else None: the check behind every skip of evaluation."""
@@ -338,12 +369,6 @@ def _remove_stale_outputs(config: ExperimentConfig, model: str, category: str) -
             remove_stale_temps(Path(folder), "*")
 
 
-def _empty_ground_truth(data: CategoryData, test: Sequence[Sample]) -> list[Path]:
-    """Mask files of defective test images that mark no pixel at all."""
-    return [sample.mask_paths[0] for sample in test
-            if sample.label and sample.mask_paths and not any(r.mask.any() for r in data.ground_truth(sample))]
-
-
 def evaluate_category(config: ExperimentConfig, model: str, category: str, show_progress: bool = True) -> dict:
     """Evaluate a trained model on one category (skipped when its metrics.json is current), under
     a lock: a second process evaluating the same model and category waits, then skips."""
@@ -360,22 +385,18 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
     folder = results_dir(config, model, category)
     data = load_category(config, category)
     validation, test = data.samples("validation"), data.samples("test")
-    warnings = []
-    if empty := _empty_ground_truth(data, test):
-        if data.layout == "mvtec_ad":
-            raise DataError(f"{empty[0]}: the mask of a defective test image marks no pixel "
-                            f"({len(empty)} such mask(s)); draw the defect, or move the image to test/good")
-        # LOCO ships some empty region files; an image with only empty ones has no pixel truth
-        warnings = [f"{path.parent}: no annotated pixel; its pixel metrics are undefined" for path in empty]
-        for warning in warnings:
-            print(f"effad-hpc: warning: {warning}", file=sys.stderr)
+    # LOCO ships some empty region files; an image with only empty ones has no pixel truth
+    warnings = [f"{sample.mask_paths[0].parent}: no annotated pixel; its pixel metrics are undefined"
+                for sample in check_ground_truth(data)]
+    for warning in warnings:
+        print(f"effad-hpc: warning: {warning}", file=sys.stderr)
     device = resolve_device(config.run.device)
     detector = load_detector(config, model, category, device)
 
     columns = [TextColumn(f"{category} {model} " + "{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn()]
     with Progress(*columns, disable=not show_progress) as progress:
-        thresholds = fit_thresholds(detector, validation, config, device, progress)
+        thresholds = fit_thresholds(detector, validation, config, model, category, device, progress)
         predictions = predict_test(detector, test, config, model, category, device, progress)
         # Labels are read from here on, after the thresholds and every map are fixed.
         curves, pixel_at_threshold = score_pixels(data, test, config, model, predictions, thresholds, progress)
@@ -409,6 +430,7 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
                                  f"of image scores, {evaluation.pixel_threshold_quantile} of pixel scores"},
         "metrics": metrics,
         "training": {stage: asdict(record) for stage, record in records.items()},
+        "budget": training_budget(config, model),
         "warnings": warnings,
         "artifacts": {"maps": {map_path.relative_to(maps).as_posix(): map_path.stat().st_size
                                for map_path in (sample_output(config, model, "maps", category, sample, ".tiff")

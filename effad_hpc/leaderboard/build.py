@@ -25,8 +25,10 @@ from effad_hpc.leaderboard.published import AGGREGATES, published_rows
 from effad_hpc.utils.atomic import atomic_write_text
 
 MergeRule = Literal["latest", "best"]
-IDENTITY = ["dataset", "model", "category", "category_type", "trial", "source", "run_id", "config_hash",
+IDENTITY = ["dataset", "model", "category", "category_type", "trial", "source", "budget", "run_id", "config_hash",
             "code_version", "created_at"]
+PAPER_BUDGET = "paper"
+"""``budget`` of a result trained as long as its paper trained (or fitted, which has no length)."""
 TEXTURES = frozenset({"carpet", "grid", "leather", "tile", "wood", "fabric"})
 """MVTec AD's texture categories (and the synthetic set's); every other MVTec AD category is an object."""
 SUMMARY_METRICS = [
@@ -36,6 +38,11 @@ SUMMARY_METRICS = [
 ]
 SPLIT_METRICS = ["image_auroc", "pixel_auroc"]
 REQUIRED = ("schema_version", "dataset", "model", "category", "created_at", "metrics")
+VALIDATION_LOSS_STAGES = frozenset({"student", "student_ae", "efficientad_s", "efficientad_m"})
+"""Final training stages whose ``best_validation`` is a validation loss (lower is better), what
+``--merge best`` ranks on; a loss compares only with the same stage's (the AST students' regression
+loss and EfficientAD's total loss are different quantities). The baselines' stage value is the mean
+validation anomaly score, a scale and not a quality: their duplicates are merged by ``latest``."""
 
 
 class LeaderboardError(EffadError):
@@ -91,16 +98,29 @@ def _measured_row(path: Path) -> dict | None:
             return None
     run_dir = path.parents[3]  # <run>/<model>/results/<category>/metrics.json
     training = data.get("training") or {}
-    final = list(training.values())[-1] if training else {}
+    final_stage = list(training)[-1] if training else None
+    final = training[final_stage] if final_stage else {}
     row = {
         "dataset": data["dataset"], "model": data["model"], "category": data["category"],
         "category_type": category_type(data.get("layout"), data["category"]), "trial": str(data.get("trial", "")),
-        "source": "measured", "run_id": data.get("run_name") or run_dir.name,
+        "source": "measured", "budget": budget_label(data.get("budget")),
+        "run_id": data.get("run_name") or run_dir.name,
         "config_hash": data.get("config_hash", ""), "code_version": data.get("code_version", ""),
-        "created_at": data["created_at"], "_validation": final.get("best_validation", math.inf), "_path": str(path),
+        "created_at": data["created_at"], "_validation": final.get("best_validation", math.inf),
+        "_final_stage": final_stage, "_path": str(path),
     }
     row.update({name: value for name, value in data["metrics"].items() if value is not None})
     return row
+
+
+def budget_label(budget: dict | None) -> str:
+    """``paper``, or ``reduced: <stage> <trained>/<paper> <unit>, ...`` for the stages trained for
+    less than their paper (a demo, a quick test): such a row is no measure of the method."""
+    if budget is None:
+        return ""  # written before budgets were recorded
+    reduced = [f"{stage} {entry['trained']}/{entry['paper']} {entry['unit']}" for stage, entry in budget.items()
+               if entry["trained"] < entry["paper"]]
+    return f"reduced: {', '.join(reduced)}" if reduced else PAPER_BUDGET
 
 
 def find_metrics(run_dirs: Sequence[Path]) -> list[Path]:
@@ -126,15 +146,29 @@ def _merge(rows: list[dict], rule: MergeRule) -> tuple[list[dict], list[str]]:
         groups.setdefault((row["dataset"], row["model"], row["category"], row["trial"]), []).append(row)
     kept, notes = [], []
     for key, group in groups.items():
-        if rule == "latest":
-            choice = max(group, key=lambda r: r["created_at"])
-        else:  # best validation value of the model's final training stage (lower is better)
+        not_comparable = _not_comparable(group) if rule == "best" else None
+        if not_comparable is None and rule == "best":  # the lowest validation loss of the final stage
             choice = min(group, key=lambda r: (r["_validation"], r["created_at"]))
+        else:
+            choice = max(group, key=lambda r: r["created_at"])
         kept.append(choice)
         if len(group) > 1:
+            how = rule if not_comparable is None else f"best; fell back to latest: {not_comparable}"
             notes.append(f"{'/'.join(k for k in key if k)}: {len(group)} results, kept {choice['_path']} "
-                         f"(rule: {rule})")
+                         f"(rule: {how})")
     return kept, notes
+
+
+def _not_comparable(group: list[dict]) -> str | None:
+    """Why the validation values of duplicate rows cannot rank them (None: they can)."""
+    stages = sorted({str(r["_final_stage"]) for r in group})
+    if len(stages) > 1:
+        return f"their final stages differ ({', '.join(stages)})"
+    if stages[0] not in VALIDATION_LOSS_STAGES:
+        return f"the final stage {stages[0]} reports no validation loss"
+    if not all(isinstance(r["_validation"], (int, float)) and math.isfinite(r["_validation"]) for r in group):
+        return f"a validation loss of {stages[0]} is missing or not finite"
+    return None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -149,7 +183,9 @@ def _summarize(rows: list[dict], published: dict[tuple[str, str, str], dict]) ->
         if row["source"] == "measured":
             measured.setdefault((row["dataset"], row["model"]), []).append(row)
     for (dataset, model), group in measured.items():
-        entry = {"dataset": dataset, "model": model, "source": "measured", "categories": len(group)}
+        budgets = {r["budget"] for r in group}
+        entry = {"dataset": dataset, "model": model, "source": "measured", "categories": len(group),
+                 "budget": budgets.pop() if len(budgets) == 1 else "mixed"}
         for metric in SUMMARY_METRICS:
             entry[metric] = _mean([r.get(metric) for r in group])
         for kind in ("texture", "object"):
@@ -161,7 +197,8 @@ def _summarize(rows: list[dict], published: dict[tuple[str, str, str], dict]) ->
     for (dataset, model, category), values in published.items():
         if category != "mean":
             continue
-        entry = {"dataset": dataset, "model": model, "source": "published", "categories": None}
+        entry = {"dataset": dataset, "model": model, "source": "published", "categories": None,
+                 "budget": PAPER_BUDGET}
         entry |= {metric: values.get(metric) for metric in SUMMARY_METRICS}
         for kind, aggregate in (("texture", "textures"), ("object", "objects")):
             split = published.get((dataset, model, aggregate), {})
@@ -196,10 +233,12 @@ def build_leaderboard(run_dirs: Sequence[Path], rule: MergeRule = "latest", comp
             rows.append({"dataset": dataset, "model": model, "category": category,
                          "category_type": category_type("mvtec_loco" if dataset == "mvtec_loco" else "mvtec_ad",
                                                         category),
-                         "trial": "", "source": "published", "run_id": values["published_source"],
+                         "trial": "", "source": "published", "budget": PAPER_BUDGET,
+                         "run_id": values["published_source"],
                          **{k: v for k, v in values.items() if k != "published_source"}})
     for row in rows:
         row.pop("_validation", None)
+        row.pop("_final_stage", None)
         row.pop("_path", None)
     rows.sort(key=lambda r: (r["dataset"], r["model"], r["category"], r["trial"], r["source"]))
     return Leaderboard(rows, _summarize(rows, published), notes)
@@ -236,7 +275,7 @@ def _markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-MARKDOWN_ROW_COLUMNS = ["dataset", "model", "category", "source", "image_auroc", "pixel_auroc", "au_pro",
+MARKDOWN_ROW_COLUMNS = ["dataset", "model", "category", "source", "budget", "image_auroc", "pixel_auroc", "au_pro",
                         "auroc_loco_mean", "au_spro_0.05_mean", "image_f1", "pixel_f1", "latency_ms",
                         "delta_image_auroc", "delta_pixel_auroc"]
 
@@ -247,7 +286,7 @@ def write_leaderboard(board: Leaderboard, out: Path) -> list[Path]:
 
     out = Path(out)
     row_columns = _columns(board.rows, IDENTITY)
-    ordered = ["dataset", "model", "source", "categories", *SUMMARY_METRICS,
+    ordered = ["dataset", "model", "source", "budget", "categories", *SUMMARY_METRICS,
                *[f"{kind}_{metric}" for kind in ("texture", "object") for metric in SPLIT_METRICS],
                "train_seconds_total"]
     summary_columns = [c for c in ordered if any(entry.get(c) is not None for entry in board.summary)]
@@ -256,7 +295,9 @@ def write_leaderboard(board: Leaderboard, out: Path) -> list[Path]:
     atomic_write_text(written[1], _csv(board.summary, summary_columns))
     ranked = sorted(board.rows, key=lambda r: (r["dataset"], r["category"], -(r.get("image_auroc") or 0), r["model"]))
     md_columns = [c for c in MARKDOWN_ROW_COLUMNS if any(row.get(c) not in (None, "") for row in board.rows)]
-    markdown = ["# Leaderboard", "", "## Per dataset and model (means over categories)", "",
+    markdown = ["# Leaderboard", "", "`budget`: `paper` when every stage was trained as long as its paper trained it "
+                "(fitted models have no length); `reduced: stage trained/paper` marks results trained for less, "
+                "which are no measure of the method.", "", "## Per dataset and model (means over categories)", "",
                 _markdown(board.summary, summary_columns), "", "## Per category", "", _markdown(ranked, md_columns), ""]
     if board.merged:
         markdown += ["## Merged duplicates", "", *[f"- {note}" for note in board.merged], ""]

@@ -22,7 +22,7 @@ from effad_hpc.models.flow import FlowTeacher, negative_log_likelihood
 from effad_hpc.models.losses import hard_mse
 from effad_hpc.models.positional import positional_encoding_2d
 from effad_hpc.models.registry import register_model
-from effad_hpc.models.student import ResidualStudent
+from effad_hpc.models.student import ResidualStudent, unrecorded_batch_statistics
 
 
 def _full_precision(device: torch.device):
@@ -94,7 +94,9 @@ class AST(_StudentTeacher):
         student = self.student(self.teacher.with_positions(features)).float()
         parts = {"st": hard_mse(z, student, self.loss_percentile)}
         if penalty_features is not None:
-            parts["penalty"] = self.student(self.teacher.with_positions(penalty_features)).float().pow(2).mean()
+            with unrecorded_batch_statistics(self.student):
+                penalty = self.student(self.teacher.with_positions(penalty_features))
+            parts["penalty"] = penalty.float().pow(2).mean()
         parts["total"] = sum(parts.values())
         return parts
 
@@ -133,7 +135,8 @@ class EfficientADAST(_StudentTeacher):
             "stae": (reconstruction - student_ae).pow(2).mean(),
         }
         if penalty_features is not None:
-            penalty = self.student(self.teacher.with_positions(penalty_features))[:, :self.feature_channels]
+            with unrecorded_batch_statistics(self.student):
+                penalty = self.student(self.teacher.with_positions(penalty_features))[:, :self.feature_channels]
             parts["penalty"] = penalty.float().pow(2).mean()
         parts["total"] = sum(parts.values())
         return parts

@@ -38,8 +38,10 @@ class PDN(nn.Module):
             self.conv2 = nn.Conv2d(256, 512, 4, padding=3 * pad)
             self.conv3 = nn.Conv2d(512, 512, 1)
             self.conv4 = nn.Conv2d(512, 512, 3, padding=pad)
-            self.conv5 = nn.Conv2d(512, FEATURE_CHANNELS, 4)
-            self.conv6 = nn.Conv2d(FEATURE_CHANNELS, out_channels, 1)
+            # As the authors' get_pdn_medium: conv5 already has the output width (768 for the
+            # student), no 384-wide bottleneck before conv6.
+            self.conv5 = nn.Conv2d(512, out_channels, 4)
+            self.conv6 = nn.Conv2d(out_channels, out_channels, 1)
         else:
             raise ValueError(f"PDN size {size!r}: expected 'small' or 'medium'")
 
@@ -63,13 +65,57 @@ def pdn_output_size(size: PDNSize, image_size: int, padded: bool = False) -> int
         return probe(torch.zeros(1, 3, image_size, image_size)).shape[-1]
 
 
-def distillation_targets(patch_features: torch.Tensor, grid: int, channels: int = FEATURE_CHANNELS) -> torch.Tensor:
-    """What the teacher PDN is distilled onto: a backbone's patch features (3x3-aggregated layers
-    on one grid, :func:`effad_hpc.models.feature_maps.patch_features`) averaged down (or repeated
-    up) to ``channels`` per position by adaptive pooling, on the PDN's ``grid`` x ``grid`` output."""
-    batch, depth, height, width = patch_features.shape
-    per_position = patch_features.permute(0, 2, 3, 1).reshape(-1, 1, depth)
-    pooled = F.adaptive_avg_pool1d(per_position, channels).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-    if (height, width) != (grid, grid):
-        pooled = F.interpolate(pooled, size=(grid, grid), mode="bilinear", align_corners=False)
-    return pooled.contiguous()
+LAYER_WIDTH = 1024
+"""Width each backbone layer's patch features are pooled to before the layers are averaged down
+to the targets (the authors' pretraining.py: ``Preprocessing(feature_dimensions, 1024)``)."""
+
+
+def pooling_matrix(inputs: int, outputs: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool1d`` from ``inputs`` to ``outputs`` values as an (outputs, inputs) matrix
+    (the same bins: ``[floor(o * inputs / outputs), ceil((o + 1) * inputs / outputs))``)."""
+    rows = torch.arange(outputs)
+    starts, ends = rows * inputs // outputs, -((-(rows + 1) * inputs) // outputs)
+    columns = torch.arange(inputs)
+    inside = (columns >= starts[:, None]) & (columns < ends[:, None])
+    return inside.float() / (ends - starts)[:, None].float()
+
+
+class DistillationTargets(nn.Module):
+    """What the teacher PDN is distilled onto, as the authors' pretraining builds it from the
+    backbone's layers (WideResNet-101 ``layer2``, ``layer3``): at every position of the first
+    layer's grid, each layer's 3x3 patch (zero padded, flattened channel-major) is average-pooled
+    to ``layer_width`` values, the finer grid reached by bilinear interpolation, and the layers'
+    ``len(layers) * layer_width`` values are average-pooled to ``channels``; so every layer gets an
+    equal share of the targets, whatever its channel count.
+
+    Every step of that is linear, so each layer's part is one fixed 3x3 convolution (the two
+    poolings composed), computed on the layer's own grid and interpolated after: the same
+    numbers without materializing the 9 x C values per position. ``forward(maps)`` takes the
+    layers' (B, C_l, H_l, W_l) maps in ``layer_channels`` order and returns float32 targets on
+    ``grid`` x ``grid`` (bilinear, when the first layer's grid differs from the PDN's).
+    """
+
+    def __init__(self, layer_channels: list[int], grid: int, channels: int = FEATURE_CHANNELS,
+                 layer_width: int = LAYER_WIDTH):
+        super().__init__()
+        self.grid = grid
+        to_targets = pooling_matrix(len(layer_channels) * layer_width, channels)
+        for index, depth in enumerate(layer_channels):
+            share = to_targets[:, index * layer_width:(index + 1) * layer_width]
+            kernel = (share @ pooling_matrix(depth * 9, layer_width)).reshape(channels, depth, 3, 3)
+            self.register_buffer(f"kernel{index}", kernel, persistent=False)
+        self.layers = len(layer_channels)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        if len(maps) != self.layers:
+            raise ValueError(f"expected {self.layers} feature maps, got {len(maps)}")
+        size = maps[0].shape[-2:]
+        targets = None
+        for index, layer in enumerate(maps):
+            part = F.conv2d(layer.float(), getattr(self, f"kernel{index}"), padding=1)
+            if part.shape[-2:] != size:
+                part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+            targets = part if targets is None else targets + part
+        if size != (self.grid, self.grid):
+            targets = F.interpolate(targets, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return targets

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 
@@ -26,3 +29,19 @@ class ResidualStudent(nn.Sequential):
             *[ResidualBlock(hidden_channels) for _ in range(residual_blocks)],
             nn.Conv2d(hidden_channels, out_channels, 3, padding=1),
         )
+
+
+@contextmanager
+def unrecorded_batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Batch norm inside ``module`` normalizes each batch with its own statistics, as in training,
+    but records none: the penalty's ImageNet-like batch must not move the running statistics
+    that inference normalizes the category's features with."""
+    recording = [norm for norm in module.modules()
+                 if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats]
+    for norm in recording:  # untracked, a training-mode batch norm neither reads nor updates its buffers
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in recording:
+            norm.track_running_stats = True

@@ -7,13 +7,14 @@ from collections.abc import Callable
 
 import torch
 
-from effad_hpc.config import ExperimentConfig
+from effad_hpc.config import ASTStudentConfig, ExperimentConfig
 from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError
 from effad_hpc.models import ASTTeacher, build_model
 from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, load_state, stage_dir
 from effad_hpc.training.loop import StageRun, fit
 from effad_hpc.training.registry import (
+    Budget,
     ModelRecipe,
     Stage,
     completed_stage,
@@ -22,7 +23,7 @@ from effad_hpc.training.registry import (
     register_stage,
     stage_key,
 )
-from effad_hpc.training.sources import BackboneFeatures, ComputedFeatures, PenaltyImages, open_source
+from effad_hpc.training.sources import BackboneFeatures, ComputedFeatures, PenaltyImages, open_source, penalty_folder
 from effad_hpc.utils.device import resolve_device
 
 
@@ -32,16 +33,20 @@ def teacher_kwargs(config: ExperimentConfig) -> dict:
             "hidden_channels": t.hidden_channels, "kernel_sizes": list(t.kernel_sizes), "clamp": t.clamp}
 
 
-def _student_kwargs(config: ExperimentConfig, channels: int, map_size: int) -> dict:
-    s = config.student
+def _residual_student_kwargs(config: ExperimentConfig, student: ASTStudentConfig, channels: int,
+                             map_size: int) -> dict:
     return {"feature_channels": channels, "map_size": map_size, "teacher": teacher_kwargs(config),
-            "hidden_channels": s.hidden_channels, "residual_blocks": s.residual_blocks,
-            "loss_percentile": s.loss_percentile}
+            "hidden_channels": student.hidden_channels, "residual_blocks": student.residual_blocks,
+            "loss_percentile": student.loss_percentile}
+
+
+def _ast_kwargs(config: ExperimentConfig, channels: int, map_size: int) -> dict:
+    return _residual_student_kwargs(config, config.ast_student, channels, map_size)
 
 
 def _efficientad_ast_kwargs(config: ExperimentConfig, channels: int, map_size: int) -> dict:
     s = config.student
-    return _student_kwargs(config, channels, map_size) | {
+    return _residual_student_kwargs(config, s, channels, map_size) | {
         "ae_channels": s.ae_channels, "ae_upsampling_stages": s.ae_upsampling_stages, "ae_dropout": s.ae_dropout}
 
 
@@ -71,18 +76,20 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
     if completed_stage(config, "teacher", category, verify=True) is None:
         raise CheckpointError(f"{teacher_path.parent}: no trained teacher for this config; "
                               f"run `effad-hpc train --stage teacher --category {category}` first")
+    # AST trains by its paper (no penalty), EfficientAD-AST by the thesis: each has its own section.
+    settings = config.ast_student if model_name == "ast" else config.student
+    found = None if model_name == "ast" else penalty_folder(config, "student")
     device = resolve_device(config.run.device)
-    source = open_source(config, category, config.student.feature_source, device)
+    source = open_source(config, category, settings.feature_source, device)
     torch.manual_seed(config.seed)
     model = recipe(model_name).build(config, source.channels, source.map_size, {})
     model.teacher.load_state_dict(load_state(teacher_path))
     model.to(device)
     penalty = None
-    if config.student.penalty_images is not None:
+    if found is not None:
         compute = source.compute if isinstance(source, ComputedFeatures) else BackboneFeatures(config, device)
-        penalty = PenaltyImages(config.student.penalty_images, "student.penalty_images", config.data.image_size,
-                                compute)
-    return fit(StageRun(stage, category, folder, key, config.student, model, model.losses, source, config.seed,
+        penalty = PenaltyImages(*found, config.data.image_size, compute)
+    return fit(StageRun(stage, category, folder, key, settings, model, model.losses, source, config.seed,
                         config.run.mixed_precision, penalty), show_progress)
 
 
@@ -98,24 +105,28 @@ def _teacher_settings(config: ExperimentConfig) -> dict:
     return config.teacher.model_dump(mode="json")
 
 
-def _student_settings(model_name: str) -> Callable[[ExperimentConfig], dict]:
-    def settings(config: ExperimentConfig) -> dict:
-        values = config.student.model_dump(mode="json")
-        if model_name == "ast":  # the autoencoder does not exist in AST
-            values = {k: v for k, v in values.items() if not k.startswith("ae_")}
-        penalty = config.student.penalty_images
-        return {"model": model_name, "student": values,
-                "penalty_fingerprint": folder_fingerprint(penalty) if penalty else None}
-
-    return settings
+def _ast_student_settings(config: ExperimentConfig) -> dict:
+    return {"model": "ast", "ast_student": config.ast_student.model_dump(mode="json")}
 
 
+def _efficientad_ast_student_settings(config: ExperimentConfig) -> dict:
+    # The penalty images count by their content, not by where the folder is mounted.
+    penalty = config.student.penalty_folder()
+    return {"model": "efficientad_ast", "student": config.student.model_dump(mode="json", exclude={"penalty_images"}),
+            "penalty_fingerprint": folder_fingerprint(penalty) if penalty else None}
+
+
+# The papers' lengths: AST trains teacher and student 240 epochs; the thesis the EfficientAD-AST
+# student 100 (both with early stopping where they configure it).
 register_stage(Stage("teacher", train_teacher, _teacher_settings,
-                     uses_store=lambda config: config.teacher.feature_source == "stored"))
-register_stage(Stage("student", train_student, _student_settings("ast"), needs=("teacher",),
-                     uses_store=lambda config: config.student.feature_source == "stored"))
-register_stage(Stage("student_ae", train_student_ae, _student_settings("efficientad_ast"), needs=("teacher",),
-                     uses_store=lambda config: config.student.feature_source == "stored"))
+                     uses_store=lambda config: config.teacher.feature_source == "stored",
+                     budget=Budget(lambda config: config.teacher.epochs, 240)))
+register_stage(Stage("student", train_student, _ast_student_settings, needs=("teacher",),
+                     uses_store=lambda config: config.ast_student.feature_source == "stored",
+                     budget=Budget(lambda config: config.ast_student.epochs, 240)))
+register_stage(Stage("student_ae", train_student_ae, _efficientad_ast_student_settings, needs=("teacher",),
+                     uses_store=lambda config: config.student.feature_source == "stored",
+                     budget=Budget(lambda config: config.student.epochs, 100)))
 
 
 def _builder(model_name: str, kwargs: Callable[[ExperimentConfig, int, int], dict]):
@@ -125,6 +136,6 @@ def _builder(model_name: str, kwargs: Callable[[ExperimentConfig, int, int], dic
     return build
 
 
-register_recipe(ModelRecipe("ast", ("teacher", "student"), _builder("ast", _student_kwargs)))
+register_recipe(ModelRecipe("ast", ("teacher", "student"), _builder("ast", _ast_kwargs)))
 register_recipe(ModelRecipe("efficientad_ast", ("teacher", "student_ae"),
                             _builder("efficientad_ast", _efficientad_ast_kwargs)))

@@ -19,6 +19,7 @@ from torch import nn
 
 from effad_hpc.config import BaselineConfig, ExperimentConfig
 from effad_hpc.errors import DataError
+from effad_hpc.features.weights import checkpoint_identity
 from effad_hpc.models import SPADE, PaDiM, PatchCore, build_model, image_scores
 from effad_hpc.models.feature_maps import Preparation
 from effad_hpc.training.artifacts import (
@@ -140,7 +141,7 @@ def _settings(name: str, inputs_of: Inputs) -> Callable[[ExperimentConfig], dict
     def settings(config: ExperimentConfig) -> dict:
         inputs = inputs_of(config)
         values = getattr(config, name).model_dump(mode="json", exclude={"feature_source", "batch_size"})
-        return values | {"backbone": inputs.backbone.identity(), "image_size": inputs.image_size,
+        return values | {"backbone": checkpoint_identity(inputs.backbone), "image_size": inputs.image_size,
                          "layers": list(inputs.layers)}
 
     return settings

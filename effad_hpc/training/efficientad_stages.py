@@ -22,11 +22,12 @@ from effad_hpc.config import DistillationConfig, ExperimentConfig
 from effad_hpc.data import ImageDataset, load_category
 from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError, ConfigError, DataError
-from effad_hpc.features.backbones import build_backbone
+from effad_hpc.features.backbones import Backbone, build_backbone
+from effad_hpc.features.weights import checkpoint_identity
 from effad_hpc.models import PDN, build_model
 from effad_hpc.models.efficientad import EfficientAD, normalize_images
 from effad_hpc.models.losses import quantile
-from effad_hpc.models.pdn import PDNSize, distillation_targets, pdn_output_size
+from effad_hpc.models.pdn import DistillationTargets, PDNSize, pdn_output_size
 from effad_hpc.training.artifacts import (
     BEST_MODEL,
     SHARED,
@@ -38,19 +39,20 @@ from effad_hpc.training.artifacts import (
     stage_dir,
 )
 from effad_hpc.training.registry import (
+    Budget,
     ModelInputs,
     ModelRecipe,
     Stage,
-    register_recipe,
     completed_stage,
+    register_recipe,
     register_stage,
     stage_key,
 )
 from effad_hpc.training.sources import (
-    BackboneFeatures,
     PenaltyImages,
     image_folder,
     image_samples,
+    penalty_folder,
 )
 from effad_hpc.training.loop import seeded_generator
 from effad_hpc.training.steps import StepRun, StepSampler, fit_steps
@@ -135,19 +137,56 @@ def _use_teacher_file(config: ExperimentConfig, size: PDNSize, stage: str) -> St
                           best_validation=float("nan"), stopped_early=False, train_seconds=0.0)
 
 
-def _target_stats(compute: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset, count: int,
-                  config: ExperimentConfig, folder: Path, key: str,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the distillation targets over ``count`` seeded random images
-    (kept in the stage folder, so a resumed run does not recompute them)."""
+def random_grayscale(images: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
+    """Each image turned grey (3 equal channels) with ``probability``, as torchvision's RandomGrayscale."""
+    grey = (torch.rand(len(images), generator=generator) < probability).to(images.device)
+    return torch.where(grey[:, None, None, None], TF.rgb_to_grayscale(images, num_output_channels=3), images)
+
+
+def distillation_views(images: torch.Tensor, generator: torch.Generator, grayscale: float,
+                       image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(backbone view, PDN view) of a batch: the authors' pretraining turns the image grey before
+    both views (``RandomGrayscale(0.1)  # apply same to both``), then resizes it for each."""
+    backbone_view = random_grayscale(images, generator, grayscale)
+    pdn_view = F.interpolate(backbone_view, size=(image_size, image_size), mode="bilinear", antialias=True)
+    return backbone_view, pdn_view
+
+
+def distillation_targets(backbone: Backbone, layers: list[str], grid: int,
+                         device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images in [0, 1] -> the backbone's distillation targets (:class:`DistillationTargets`)."""
+    channels = {layer.name: layer.channels for layer in backbone.layers}
+    project = DistillationTargets([channels[name] for name in layers], grid).to(device)
+    extractor = backbone.extractor.to(device)
+
+    def targets(images: torch.Tensor) -> torch.Tensor:
+        # float32 even inside the step loop's autocast, as the authors' pretraining: the targets
+        # are what the teacher learns to reproduce, and bf16 would round them to 3 digits.
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            maps = extractor(images.to(device, non_blocking=True).float())
+            return project([maps[name] for name in layers])
+
+    return targets
+
+
+def _target_stats(compute: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset, config: ExperimentConfig,
+                  stage: str, folder: Path, key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the distillation targets over ``distillation.normalization_images``
+    seeded random images, seen as the training sees them (random grey-scale), cycling through the
+    folder when it has fewer, as the authors' infinite loader (kept in the stage folder, so a
+    resumed run does not recompute them)."""
     path = folder / TARGET_STATS
     if path.is_file() and (saved := load_state(path))["key"] == key:
         return saved["mean"][None, :, None, None].to(device), saved["std"][None, :, None, None].to(device)
-    generator = torch.Generator().manual_seed(config.seed)
-    picks = torch.randperm(len(dataset), generator=generator)[:count].tolist()
-    loader = DataLoader(torch.utils.data.Subset(dataset, picks), batch_size=config.distillation.batch_size,
-                        num_workers=config.features.num_workers)
-    mean, std = channel_statistics(compute(batch["image"]) for batch in loader)
+    d = _distillation(config)
+    order_generator = torch.Generator().manual_seed(config.seed)
+    passes = -(-d.normalization_images // len(dataset))
+    picks = torch.cat([torch.randperm(len(dataset), generator=order_generator) for _ in range(passes)])
+    loader = DataLoader(torch.utils.data.Subset(dataset, picks[:d.normalization_images].tolist()),
+                        batch_size=d.batch_size, num_workers=config.features.num_workers)
+    grey_generator = seeded_generator(config.seed, stage, "normalization")
+    mean, std = channel_statistics(compute(random_grayscale(batch["image"], grey_generator, d.grayscale))
+                                   for batch in loader)
     save_state({"key": key, "mean": mean.flatten().cpu(), "std": std.flatten().cpu()}, path)
     return mean.to(device), std.to(device)
 
@@ -164,24 +203,19 @@ def _distill(size: PDNSize, stage: str) -> Callable[..., StageRecord]:
         dataset = ImageDataset(image_samples(image_folder(d.images, "distillation.images", d.pattern), "distill"),
                                d.backbone_image_size)
         backbone = config.backbone_or_main(d.backbone)
-        features = BackboneFeatures(config, device, build_backbone(backbone), backbone.layers, "patches")
         image_size = config.efficientad.image_size
-        grid = pdn_output_size(size, image_size, padded=True)
-
-        def targets(images: torch.Tensor) -> torch.Tensor:
-            return distillation_targets(features(images), grid)
-
-        mean, std = _target_stats(targets, dataset, d.normalization_images, config, folder, key, device)
+        targets = distillation_targets(build_backbone(backbone), backbone.layers,
+                                       pdn_output_size(size, image_size, padded=True), device)
+        mean, std = _target_stats(targets, dataset, config, stage, folder, key, device)
         torch.manual_seed(config.seed)
         teacher = PDN(size, padded=True).to(device)
         batches = _lazy_batches(lambda start: _step_batches(dataset, d.batch_size, config.seed, stage, start, d.steps,
                                                             config, device))
 
-        def losses(step: int, _generator: torch.Generator) -> dict[str, torch.Tensor]:
-            images = batches(step)
-            target = (targets(images) - mean) / std
-            small = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
-            mse = (teacher(normalize_images(small)).float() - target).pow(2).mean()
+        def losses(step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+            backbone_view, pdn_view = distillation_views(batches(step), generator, d.grayscale, image_size)
+            target = (targets(backbone_view) - mean) / std
+            mse = (teacher(normalize_images(pdn_view)).float() - target).pow(2).mean()
             return {"mse": mse, "total": mse}
 
         return fit_steps(StepRun(stage, SHARED, folder, key, teacher, list(teacher.parameters()), losses, d.steps,
@@ -197,7 +231,8 @@ def _distill_settings(config: ExperimentConfig) -> dict:
         return {"teacher_weights": str(d.teacher_weights), "sha256": sha256_file(d.teacher_weights)
                 if d.teacher_weights.is_file() else None}
     return d.model_dump(mode="json", exclude={"teacher_weights", "checkpoint_every"}) | {
-        "backbone": d.backbone.identity(), "image_size": config.efficientad.image_size,
+        "backbone": checkpoint_identity(config.backbone_or_main(d.backbone)),
+        "image_size": config.efficientad.image_size,
         "images_fingerprint": folder_fingerprint(d.images, d.pattern)}
 
 
@@ -270,8 +305,8 @@ def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., Sta
                                          ae_dropout=e.ae_dropout)
         model.teacher.load_state_dict(load_state(teacher_folder / BEST_MODEL))
         model.to(device)
-        penalty = None if e.penalty_images is None else PenaltyImages(e.penalty_images, "efficientad.penalty_images",
-                                                                      2 * e.image_size)
+        found = penalty_folder(config, "efficientad")
+        penalty = None if found is None else PenaltyImages(*found, 2 * e.image_size)
         batches = _lazy_batches(lambda start: _step_batches(splits["train"], e.batch_size, config.seed, model_name,
                                                             start, e.steps, config, device))
 
@@ -305,8 +340,9 @@ def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., Sta
 
 def _efficientad_settings(config: ExperimentConfig) -> dict:
     e = config.efficientad
-    return {"efficientad": e.model_dump(mode="json", exclude={"checkpoint_every"}),
-            "penalty_fingerprint": folder_fingerprint(e.penalty_images) if e.penalty_images else None}
+    penalty = e.penalty_folder()
+    return {"efficientad": e.model_dump(mode="json", exclude={"checkpoint_every", "penalty_images"}),
+            "penalty_fingerprint": folder_fingerprint(penalty) if penalty else None}
 
 
 def _build(model_name: str):
@@ -325,10 +361,18 @@ def _no_store(_config: ExperimentConfig) -> bool:
     return False
 
 
+def _distillation_steps(config: ExperimentConfig) -> int | None:
+    """None when a user's teacher file replaces the distillation: its length is not ours to judge."""
+    d = config.distillation
+    return None if d is None or d.teacher_weights is not None else d.steps
+
+
 for _suffix, _size in SIZES.items():
     _teacher, _model = f"distill_{_suffix}", f"efficientad_{_suffix}"
+    # The paper's lengths: 60,000 distillation steps, 70,000 student steps.
     register_stage(Stage(_teacher, _distill(_size, _teacher), _distill_settings, uses_store=_no_store,
-                         reads_backbone=False, shared=True))
+                         reads_backbone=False, shared=True, budget=Budget(_distillation_steps, 60_000, "steps")))
     register_stage(Stage(_model, _train_efficientad(_model, _teacher), _efficientad_settings, needs=(_teacher,),
-                         uses_store=_no_store, reads_backbone=False))
+                         uses_store=_no_store, reads_backbone=False,
+                         budget=Budget(lambda config: config.efficientad.steps, 70_000, "steps")))
     register_recipe(ModelRecipe(_model, (_teacher, _model), _build(_model), _image_inputs))

@@ -40,6 +40,22 @@ class Stage:
     """Whether the stage reads ``backbone`` features (then their key is part of the stage key)."""
     shared: bool = False
     """Runs once per run for every category (its folder is ``train/_shared/<stage>``)."""
+    budget: Budget | None = None
+    """Epochs or steps the config trains it for, against its paper's; None for fitted stages."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A trained stage's length: ``configured(config)`` epochs or steps (None when the config does
+    not train it, e.g. a user's teacher file), and ``paper``, what its paper trained."""
+
+    configured: Callable[[ExperimentConfig], int | None]
+    paper: int
+    unit: str = "epochs"
+
+    def reduced(self, config: ExperimentConfig) -> bool:
+        configured = self.configured(config)
+        return configured is not None and configured < self.paper
 
 
 @dataclass(frozen=True)

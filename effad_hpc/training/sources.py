@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -152,6 +153,22 @@ def image_folder(folder: Path, key: str, pattern: str = "**/*") -> list[Path]:
 
 def image_samples(paths: Sequence[Path], prefix: str) -> list[Sample]:
     return [Sample(f"{prefix}/{i}", path, "train", "good") for i, path in enumerate(paths)]
+
+
+def penalty_folder(config: ExperimentConfig, section: Literal["student", "efficientad"]) -> tuple[Path, str] | None:
+    """The image folder of ``<section>``'s penalty and the config key that named it, or None when
+    the penalty is switched off or has no folder. A folder that is not there is an error that says
+    how to switch the penalty off: the thesis configs name a placeholder ``imagenet``."""
+    folder = getattr(config, section).penalty_folder()
+    if folder is None:
+        return None
+    from_imagenet = folder == config.imagenet
+    key = "imagenet" if from_imagenet else f"{section}.penalty_images"
+    if not folder.is_dir():
+        switch = "student.penalty=false efficientad.penalty=false" if from_imagenet else f"{section}.penalty=false"
+        raise ConfigError(f"{key}: {folder} is not a folder: set it to an ImageNet-like image folder, "
+                          f"or switch the penalty off with {switch}")
+    return folder, key
 
 
 class PenaltyImages:

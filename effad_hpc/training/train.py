@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from effad_hpc.config import ExperimentConfig
+from effad_hpc.data import load_category
+from effad_hpc.data.mvtec import check_ground_truth
 from effad_hpc.errors import ConfigError
 from effad_hpc.features.extract import extract_category
 from effad_hpc.training.artifacts import StageRecord
@@ -19,6 +21,7 @@ def train(config: ExperimentConfig, model: str, category: str, stages: Sequence[
         if name not in order:
             raise ConfigError(f"--stage {name!r}: {model} has the stages {', '.join(order)}")
     todo = [name for name in order if not stages or name in stages]
+    check_ground_truth(load_category(config, category))  # a bad mask must stop the run before training, not after
     if any(STAGES[name].uses_store(config) for name in todo):
         extract_category(config, category, show_progress=show_progress)
     return [run_stage(config, name, category, show_progress) for name in todo]
