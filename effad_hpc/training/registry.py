@@ -53,10 +53,6 @@ class Budget:
     paper: int
     unit: str = "epochs"
 
-    def reduced(self, config: ExperimentConfig) -> bool:
-        configured = self.configured(config)
-        return configured is not None and configured < self.paper
-
 
 @dataclass(frozen=True)
 class ModelInputs:

@@ -7,6 +7,7 @@ rerun can trust that every final name it sees was written to the end.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from effad_hpc.errors import StorageError
+from effad_hpc.errors import EffadError, StorageError
 
 TEMP_MARK = ".tmp-"
 NEARLY_FULL_BYTES = 16 << 20
@@ -27,7 +28,10 @@ def write_failure(path: Path, exc: BaseException) -> StorageError | None:
     """A file-system failure while writing ``path`` as a named error, or None for any other error.
 
     torch.save reports a full disk as a RuntimeError ("unexpected pos") raised while handling the
-    OSError of the write, and some writers (tifffile) raise an OSError without an errno."""
+    OSError of the write, and some writers (tifffile) raise an OSError without an errno. A named
+    error (an unreadable input image) or one raised ``from None`` is no write failure."""
+    if isinstance(exc, EffadError) or (not isinstance(exc, OSError) and exc.__suppress_context__):
+        return None
     cause = exc if isinstance(exc, OSError) else exc.__context__
     if not isinstance(cause, OSError):
         return None
@@ -101,6 +105,18 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=64)
+def _sha256_of_version(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def input_sha256(path: Path) -> str:
+    """sha256 of an input file that completion keys name (a weights file), computed once per
+    process for each version of the file (size and modification time)."""
+    stat = Path(path).stat()
+    return _sha256_of_version(Path(path), stat.st_size, stat.st_mtime_ns)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (created if needed) for the block, waiting for it.
@@ -114,7 +130,11 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. a Lustre or NFS mount without lock support
+            raise StorageError(f"{path}: cannot take a file lock ({exc.strerror}); mount the run folder's file "
+                               "system with locking (Lustre: -o flock) or choose run.out_dir elsewhere") from None
         try:
             yield
         finally:
