@@ -539,6 +539,14 @@ def parse_config(raw: Any, source: str, overrides: list[str] | tuple[str, ...] =
         raise ConfigError(format_errors(source, exc)) from None
 
 
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line (its own text quotes the offending lines with carets)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     path = Path(path)
     try:
@@ -550,7 +558,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except DuplicateKeyError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(exc)}") from None
     return parse_config(raw if raw is not None else {}, str(path), overrides)
 
 
@@ -594,7 +602,11 @@ def load_resolved_config(folder: Path) -> ExperimentConfig:
         raise ConfigError(f"{path}: cannot read the run's config ({exc})") from None
     if not first_line.startswith(HASH_LINE):
         raise ConfigError(f"{path}: first line is not '{HASH_LINE}...': not a config written by a run")
-    config = load_config(path)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:  # one line, whatever the parser found first
+        raise ConfigError(f"{str(exc).splitlines()[0]}; its content does not match the hash in its first line: "
+                          "the file is truncated or was edited") from None
     written, actual = first_line.removeprefix(HASH_LINE).strip(), config_hash(config)
     if written != actual:
         raise ConfigError(f"{path}: content does not match the hash in its first line ({written}, content {actual}): "

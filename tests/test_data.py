@@ -180,3 +180,25 @@ def test_loco_structural_image_without_masks(synthetic_loco, tmp_path):
     shutil.rmtree(target / "ground_truth" / "structural_anomalies" / "000")
     with pytest.raises(DataError, match="structural_anomalies/000.png: defective test image without a mask"):
         read_category(target, "mvtec_loco")
+
+
+def test_a_polling_process_sees_a_replaced_image_and_one_table_walks_each_folder_once(tmp_path):
+    """Fingerprints are reused only inside one `reused_fingerprints` block (one status table, one
+    submission); a later look, even a second later in the same process, sees the replaced file."""
+    from effad_hpc.data import fingerprint
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    before = fingerprint.folder_fingerprint(folder)
+    Image.new("RGB", (9, 9), "white").save(folder / "a.png")  # replaced in place: same name, new size
+    assert fingerprint.folder_fingerprint(folder) != before
+
+    walks = []
+    real = fingerprint._image_files
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fingerprint, "_image_files", lambda *args: walks.append(args) or real(*args))
+        with fingerprint.reused_fingerprints():
+            first = fingerprint.folder_fingerprint(folder)
+            assert fingerprint.folder_fingerprint(folder) == first
+    assert len(walks) == 1

@@ -9,9 +9,11 @@ file changes it; moving or copying the data set with its times kept (``mv``, ``c
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from effad_hpc.config import stable_hash
 from effad_hpc.data.images import IMAGE_SUFFIXES
@@ -42,25 +44,45 @@ def files_fingerprint(root: Path, paths: Iterable[Path]) -> str:
     return stable_hash(_entries(root, (Path(p) for p in paths)))
 
 
-FOLDER_FINGERPRINT_SECONDS = 60.0
-"""How long a process reuses an image folder's fingerprint."""
-_folder_fingerprints: dict[tuple[Path, str], tuple[float, str]] = {}
+_reused: dict[tuple, str] | None = None
+"""Fingerprints computed inside :func:`reused_fingerprints`, by arguments; None outside it."""
 
 
+@contextmanager
+def reused_fingerprints() -> Iterator[None]:
+    """Walk each folder once inside this block. One status table or one submission computes the key
+    of every node of every category, and each names the same folders (the penalty folder may be
+    ImageNet's 1.3 million files); outside the block every call walks again, so a process that
+    polls (``status --watch``, a waiting ``run``) sees files that changed since its last look."""
+    global _reused
+    outer = _reused
+    _reused = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _reused = outer
+
+
+def _reusable(compute: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(compute)
+    def fingerprint(*args: Any) -> Any:
+        if _reused is None:
+            return compute(*args)
+        key = (compute.__name__, *(Path(a).absolute() if isinstance(a, Path) else a for a in args))
+        if key not in _reused:
+            _reused[key] = compute(*args)
+        return _reused[key]
+    return fingerprint
+
+
+@_reusable
 def folder_fingerprint(folder: Path, pattern: str = "**/*") -> str:
     """Fingerprint of the image files under ``folder`` that match ``pattern`` (penalty and
-    distillation images: any folder of images, up to ImageNet's 1.3 million files). Every stage
-    key of every category names it, so a process walks the folder once a minute at most: a
-    ``status --watch`` or a submission does not walk ImageNet once per node."""
-    folder = Path(folder).absolute()
-    now = time.monotonic()
-    cached = _folder_fingerprints.get((folder, pattern))
-    if cached is None or now - cached[0] > FOLDER_FINGERPRINT_SECONDS:
-        cached = (now, files_fingerprint(folder, _image_files(folder, pattern)))
-        _folder_fingerprints[(folder, pattern)] = cached
-    return cached[1]
+    distillation images: any folder of images)."""
+    return files_fingerprint(folder, _image_files(Path(folder), pattern))
 
 
+@_reusable
 def split_fingerprints(category_root: Path, layout: str) -> dict[str, str]:
     """``{part: fingerprint}`` of one category folder in the MVTec AD or LOCO layout: the images
     of each split (``train``, ``validation``, ``test``: what features are computed from) and the

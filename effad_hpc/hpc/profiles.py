@@ -8,7 +8,7 @@ from typing import Annotated
 import yaml
 from pydantic import Field, ValidationError
 
-from effad_hpc.config import DuplicateKeyError, Section, YamlLoader, format_errors
+from effad_hpc.config import DuplicateKeyError, Section, YamlLoader, format_errors, yaml_error_line
 from effad_hpc.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -57,7 +57,7 @@ def load_profile(path: Path | None) -> ClusterProfile:
     except DuplicateKeyError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(exc)}") from None
     try:
         return ClusterProfile.model_validate(raw)
     except ValidationError as exc:

@@ -21,6 +21,7 @@ from submitit.core.utils import JobPaths
 
 from effad_hpc.config import CONFIG_FILENAME, ExperimentConfig, load_resolved_config
 from effad_hpc.data import categories_of
+from effad_hpc.data.fingerprint import reused_fingerprints
 from effad_hpc.evaluation import read_metrics, results_dir
 from effad_hpc.hpc.graph import Node, is_complete, run_graph
 from effad_hpc.hpc.submit import node_id, read_submissions
@@ -96,6 +97,7 @@ def _log_path(log_folder: str, job_id: str) -> str:
     return str(JobPaths(Path(log_folder) / "%j", job_id).stderr)
 
 
+@reused_fingerprints()
 def run_states(config: ExperimentConfig, models: list[str] | None = None) -> list[NodeState]:
     run_dir = config.run.out_dir
     latest: dict[str, tuple[dict, dict]] = {}  # node id -> (submission, job) of its last submission

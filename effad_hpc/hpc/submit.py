@@ -29,11 +29,12 @@ from typing import Literal
 import submitit
 
 from effad_hpc.config import ExperimentConfig, config_hash, write_resolved_config
+from effad_hpc.data.fingerprint import reused_fingerprints
 from effad_hpc.errors import ConfigError
 from effad_hpc.hpc.graph import EXTRACT, Node, category_graph, is_complete
-from effad_hpc.training.artifacts import SHARED
 from effad_hpc.hpc.jobs import ChainJob, StageJob
 from effad_hpc.hpc.profiles import ClusterProfile
+from effad_hpc.training.artifacts import SHARED
 from effad_hpc.utils.atomic import atomic_write_json, exclusive_lock
 
 JOBS_FILE = "jobs.json"
@@ -119,6 +120,7 @@ def _base_id(job) -> str:
     return str(job.job_id).split("_")[0]
 
 
+@reused_fingerprints()
 def submit_run(config: ExperimentConfig, categories: list[str], models: list[str], executor: Executor,
                profile: ClusterProfile) -> Submission:
     """Submit every incomplete node of every category; return (and record) what was submitted."""
