@@ -48,7 +48,7 @@ def _run(*args, timeout=900):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def _wait_until_idle(config, timeout=600):
+def _wait_until_idle(config, timeout=840):  # the whole pipeline of two categories on 2 cores
     deadline = time.monotonic() + timeout
     states = run_states(config)
     while any(s.active for s in states):

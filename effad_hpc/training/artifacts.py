@@ -47,7 +47,14 @@ def save_state(state: dict, path: Path) -> None:
     # Through a file object, a failed write raises the OSError that names its cause (a full disk)
     # as the context of torch's RuntimeError; atomic_path turns it into a named error.
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(state, handle)
+        try:
+            torch.save(state, handle)
+        except RuntimeError as exc:
+            # Ctrl-C inside torch.save: its zip writer's cleanup raises "unexpected pos" over the
+            # KeyboardInterrupt, which must stay what it is (one line, status 130, resumable).
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
 
 
 def load_state(path: Path) -> dict:
