@@ -347,6 +347,15 @@ class EvaluationConfig(Section):
 
 class RunConfig(Section):
     out_dir: ConfigPath = Path("runs/default")
+    shared_dir: ConfigPath | None = None
+    """A cache that runs share (a sweep's trials): feature stores and stage folders there are
+    addressed by their keys, ``features/<category>/<feature key>/`` and
+    ``train/<category>/<stage>/<stage key>/``, so runs whose settings differ never overwrite each
+    other's artifacts, and a run finds what another already trained with the same inputs. Unset:
+    everything lives in ``out_dir`` (``features/<category>/``, ``train/<category>/<stage>/``)."""
+    trial: str | None = None
+    """``<sweep>/<trial id>`` for a sweep trial's run (set by ``effad-hpc sweep``): its metrics.json
+    and leaderboard rows carry it in the ``trial`` column."""
     executor: Literal["auto", "slurm", "local", "debug"] = "auto"
     """Where ``effad-hpc run`` puts the jobs: Slurm, local processes, or this process (debug);
     ``auto`` picks Slurm when a controller answers, else local."""
@@ -488,25 +497,34 @@ YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    key, sep, value = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r}: expected KEY.SUB=VALUE")
+def set_key(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set the dotted ``key`` (``student.lr``) of a raw config mapping to ``value``: what a
+    command-line override and a sweep trial's sampled value both do before validation."""
     *parents, leaf = key.split(".")
     node = raw
     for depth, part in enumerate(parents):
         child = node.setdefault(part, {})
+        if child is None:  # an absent optional section (distillation: null)
+            child = node[part] = {}
         if not isinstance(child, dict):
             where = ".".join(parents[: depth + 1])
-            raise ConfigError(f"override {override!r}: {where} is a value, not a section")
+            raise ConfigError(f"{source}: {where} is a value, not a section")
         node = child
+    node[leaf] = value
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY.SUB=VALUE")
     try:
-        node[leaf] = yaml.load(value, Loader=YamlLoader)
+        parsed = yaml.load(value, Loader=YamlLoader)
     except yaml.YAMLError as exc:
         if value.lstrip().startswith(("[", "{")):
             raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
         # A shell word such as the glob `*/train/good/*` (a YAML alias to YAML) is meant as text.
-        node[leaf] = value
+        parsed = value
+    set_key(raw, key, parsed, f"override {override!r}")
 
 
 def format_errors(source: str, error: ValidationError) -> str:
@@ -517,7 +535,8 @@ def format_errors(source: str, error: ValidationError) -> str:
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"
-        elif item["type"] == "value_error" and not item["loc"]:  # a check across sections: the input is the whole file
+        elif item["type"] == "value_error" and (not item["loc"] or isinstance(item["input"], dict)):
+            # a check across keys: the input is the whole file or section, and the message names the keys
             message = item["msg"].removeprefix("Value error, ")
         else:
             message = f"{item['msg']} (got {item['input']!r})"

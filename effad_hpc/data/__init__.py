@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from effad_hpc.config import ExperimentConfig, stable_hash
 from effad_hpc.data.dataset import ImageDataset, resize_image
 from effad_hpc.data.fingerprint import split_fingerprints
@@ -18,8 +21,8 @@ from effad_hpc.data.mvtec import (
 
 __all__ = [
     "GOOD", "SPLITS", "CategoryData", "DefectSpec", "GroundTruthRegion", "ImageDataset", "Sample",
-    "categories_of", "category_fingerprints", "dataset_name", "ensure_dataset", "list_categories", "load_category",
-    "read_category", "resize_image",
+    "categories_of", "category_fingerprints", "dataset_name", "ensure_dataset", "label_free", "list_categories",
+    "load_category", "read_category", "reads_test_split", "resize_image",
 ]
 
 
@@ -50,10 +53,30 @@ def categories_of(config: ExperimentConfig) -> list[str]:
     return list(config.data.categories) if config.data.categories else list_categories(config.data.root)
 
 
+_label_free = False
+
+
+@contextmanager
+def label_free() -> Iterator[None]:
+    """Inside this block :func:`load_category` indexes no test file and asking for the test split
+    is an error: what a sweep trial runs under, so that no choice it makes can see a test label."""
+    global _label_free
+    outer, _label_free = _label_free, True
+    try:
+        yield
+    finally:
+        _label_free = outer
+
+
+def reads_test_split() -> bool:
+    """False inside :func:`label_free`."""
+    return not _label_free
+
+
 def load_category(config: ExperimentConfig, name: str) -> CategoryData:
     ensure_dataset(config)
     return read_category(config.data.root / name, config.data.layout,
-                         config.data.validation_fraction, config.seed)
+                         config.data.validation_fraction, config.seed, with_test=not _label_free)
 
 
 def category_fingerprints(config: ExperimentConfig, name: str) -> dict[str, str]:

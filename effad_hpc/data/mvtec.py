@@ -91,6 +91,9 @@ class CategoryData:
     """LOCO only: ``defects_config.json`` keyed by pixel value."""
 
     def samples(self, split: Split) -> list[Sample]:
+        if split not in self.splits:
+            raise DataError(f"{self.root}: the {split} split was not indexed (a label-free reader, such as a sweep "
+                            "trial, reads no test file)")
         return self.splits[split]
 
     def ground_truth(self, sample: Sample) -> list[GroundTruthRegion]:
@@ -165,11 +168,13 @@ def _split_validation(train: list[Sample], fraction: float, seed: int) -> tuple[
     return keep, validation
 
 
-def _read_ad(root: Path, validation_fraction: float, seed: int) -> CategoryData:
+def _read_ad(root: Path, validation_fraction: float, seed: int, with_test: bool) -> CategoryData:
     train = _good_samples(_require_dir(root / "train" / GOOD, "training images"), "train")
     if not train:
         raise DataError(f"{root / 'train' / GOOD}: empty category: no training images")
     train, validation = _split_validation(train, validation_fraction, seed)
+    if not with_test:
+        return CategoryData(root.name, "mvtec_ad", root, {"train": train, "validation": validation})
 
     test_dir = _require_dir(root / "test", "test images")
     test: list[Sample] = []
@@ -216,14 +221,16 @@ def read_defects_config(path: Path) -> dict[int, DefectSpec]:
     return specs
 
 
-def _read_loco(root: Path) -> CategoryData:
-    defects = read_defects_config(root / "defects_config.json")
+def _read_loco(root: Path, with_test: bool) -> CategoryData:
     train = _good_samples(_require_dir(root / "train" / GOOD, "training images"), "train")
     if not train:
         raise DataError(f"{root / 'train' / GOOD}: empty category: no training images")
     validation = _good_samples(_require_dir(root / "validation" / GOOD, "validation images"), "validation")
     if not validation:
         raise DataError(f"{root / 'validation' / GOOD}: no validation images")
+    if not with_test:
+        return CategoryData(root.name, "mvtec_loco", root, {"train": train, "validation": validation})
+    defects = read_defects_config(root / "defects_config.json")
 
     test_root = _require_dir(root / "test", "test images")
     test = _good_samples(_require_dir(test_root / GOOD, "good test images"), "test")
@@ -243,14 +250,17 @@ def _read_loco(root: Path) -> CategoryData:
                         {"train": train, "validation": validation, "test": test}, defects)
 
 
-def read_category(root: Path, layout: Layout, validation_fraction: float = 0.1, seed: int = 0) -> CategoryData:
-    """Index one category folder; raises DataError naming the first thing that is wrong."""
+def read_category(root: Path, layout: Layout, validation_fraction: float = 0.1, seed: int = 0,
+                  with_test: bool = True) -> CategoryData:
+    """Index one category folder; raises DataError naming the first thing that is wrong. Without
+    ``with_test`` only the train and validation images are indexed: no test image, mask or
+    ``defects_config.json`` is opened."""
     root = Path(root)
     _require_dir(root, "category")
     if layout == "mvtec_ad":
-        return _read_ad(root, validation_fraction, seed)
+        return _read_ad(root, validation_fraction, seed, with_test)
     if layout == "mvtec_loco":
-        return _read_loco(root)
+        return _read_loco(root, with_test)
     raise DataError(f"unknown layout {layout!r} (expected mvtec_ad or mvtec_loco)")
 
 

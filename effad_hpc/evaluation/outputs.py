@@ -16,6 +16,7 @@ from matplotlib import pyplot as plt
 from PIL import Image
 
 from effad_hpc.utils.atomic import atomic_path
+from effad_hpc.utils.figures import save_figure
 
 OVERLAY_ALPHA = 0.5
 
@@ -47,12 +48,6 @@ def write_overlay(path: Path, image: Image.Image, anomaly_map: np.ndarray, low: 
     _write_png(path, Image.fromarray(blended.round().astype(np.uint8)))
 
 
-def _save(figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-
-
 def plot_curve(path: Path, x: np.ndarray, y: np.ndarray, title: str, xlabel: str, ylabel: str,
                label: str) -> None:
     figure, axes = plt.subplots(figsize=(4.5, 4))
@@ -60,7 +55,7 @@ def plot_curve(path: Path, x: np.ndarray, y: np.ndarray, title: str, xlabel: str
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
     axes.legend(loc="lower right")
     axes.grid(alpha=0.3)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_losses(path: Path, logs: dict[str, list[dict]], title: str) -> None:
@@ -76,4 +71,4 @@ def plot_losses(path: Path, logs: dict[str, list[dict]], title: str) -> None:
         axes.set(title=f"{title}: {stage}", xlabel=unit, ylabel="loss")
         axes.legend()
         axes.grid(alpha=0.3)
-    _save(figure, path)
+    save_figure(figure, path)

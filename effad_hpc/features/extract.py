@@ -6,6 +6,7 @@ current (same feature key, checksum intact) and redoes the rest.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def split_keys(config: ExperimentConfig, category: str) -> dict[str, str]:
 
 
 def store_dir(config: ExperimentConfig, category: str) -> Path:
+    """The category's feature store: in the run folder, or in the shared cache under its key."""
+    if config.run.shared_dir is not None:
+        return config.run.shared_dir / "features" / category / feature_key(config)
     return config.run.out_dir / "features" / category
 
 
@@ -85,8 +89,9 @@ def _extract_shard(backbone: Backbone, loader: DataLoader, writer: ShardWriter, 
 
 
 def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, int] | None = None,
-                     show_progress: bool = True) -> ExtractResult:
-    """Write this category's shards (all of them, or shard I of N) and the manifest when complete."""
+                     show_progress: bool = True, splits: Sequence[str] = SPLITS) -> ExtractResult:
+    """Write this category's shards (all of them, or shard I of N) of ``splits`` and the manifest
+    once they are complete (a sweep asks for train and validation only: it reads no test image)."""
     num_shards = config.features.shards
     if shard is not None and shard[1] != num_shards:
         raise ConfigError(f"--shard {shard[0]}/{shard[1]}: the config has features.shards={num_shards}")
@@ -99,7 +104,7 @@ def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, 
     result = ExtractResult(folder)
 
     todo = []
-    for split in SPLITS:
+    for split in splits:
         for index in shards:
             name = f"{split} shard {index}/{num_shards}"
             if completed_record(folder, split, index, num_shards, keys[split]) is not None:
@@ -129,7 +134,7 @@ def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, 
                     _write_shard(config, backbone, device, data.samples(split), folder, split, index, keys[split],
                                  meta, shapes, progress, f"{category} {name}")
                 result.written.append(name)
-    result.manifest_written = write_manifest_if_complete(folder, keys, num_shards, feature_key(config))
+    result.manifest_written = write_manifest_if_complete(folder, keys, num_shards, feature_key(config), splits)
     return result
 
 

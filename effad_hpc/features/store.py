@@ -190,20 +190,25 @@ def completed_record(folder: Path, split: str, shard: int, num_shards: int, feat
     return record
 
 
-def write_manifest_if_complete(folder: Path, split_keys: dict[str, str], num_shards: int, feature_key: str) -> bool:
-    """Write ``manifest.json`` when every shard of every split has a record with its split's key."""
-    entries = {}
+def write_manifest_if_complete(folder: Path, split_keys: dict[str, str], num_shards: int, feature_key: str,
+                               required: Sequence[str] | None = None) -> bool:
+    """Write ``manifest.json`` when every shard of every ``required`` split (default: all) has a
+    record with its split's key; it lists every split that is complete (a sweep extracts only
+    train and validation, and a later full extraction adds the test split)."""
+    entries, meta = {}, None
     for split, key in split_keys.items():
-        records = []
-        for shard in range(num_shards):
-            record = completed_record(folder, split, shard, num_shards, key, verify=False)
-            if record is None:
+        records = [completed_record(folder, split, shard, num_shards, key, verify=False)
+                   for shard in range(num_shards)]
+        if None in records:
+            if required is None or split in required:
                 return False
-            records.append(record)
+            continue
+        meta = records[0]["meta"]  # identical in every record: same features, same backbone
         entries[split] = {"key": key, "num_samples": sum(r["num_samples"] for r in records),
                           "shards": [{k: v for k, v in r.items() if k not in ("meta", "feature_key")}
                                      for r in records]}
-    meta = records[0]["meta"]  # identical in every record: same features, same backbone
+    if meta is None:
+        return False
     atomic_write_json(Path(folder) / MANIFEST, {"version": STORE_VERSION, "feature_key": feature_key,
                                                 "num_shards": num_shards, **meta, "splits": entries})
     return True

@@ -11,14 +11,7 @@ matplotlib.use("Agg")
 import numpy as np
 from matplotlib import pyplot as plt
 
-from effad_hpc.utils.atomic import atomic_path
-
-
-def _save(figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return path
+from effad_hpc.utils.figures import save_figure
 
 
 def plot_auroc_per_category(path: Path, rows: list[dict], dataset: str) -> Path:
@@ -38,7 +31,7 @@ def plot_auroc_per_category(path: Path, rows: list[dict], dataset: str) -> Path:
         axes.set(ylabel=metric.replace("_", " "), ylim=(0, 1.02), title=f"{dataset}: {metric.replace('_', ' ')}")
         axes.grid(axis="y", alpha=0.3)
     panels[0].legend(fontsize="small", ncols=2)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_auroc_vs_throughput(path: Path, summary: list[dict], dataset: str) -> Path | None:
@@ -55,4 +48,4 @@ def plot_auroc_vs_throughput(path: Path, summary: list[dict], dataset: str) -> P
     axes.set(xscale="log", xlabel="throughput (images/s, log scale)", ylabel="mean image AUROC",
              title=f"{dataset}: AUROC vs throughput")
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)

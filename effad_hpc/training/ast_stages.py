@@ -11,7 +11,7 @@ from effad_hpc.config import ASTStudentConfig, ExperimentConfig
 from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError
 from effad_hpc.models import ASTTeacher, build_model
-from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, load_state, stage_dir
+from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, load_state
 from effad_hpc.training.loop import StageRun, fit
 from effad_hpc.training.registry import (
     Budget,
@@ -21,6 +21,7 @@ from effad_hpc.training.registry import (
     recipe,
     register_recipe,
     register_stage,
+    stage_folder,
     stage_key,
 )
 from effad_hpc.training.sources import BackboneFeatures, ComputedFeatures, PenaltyImages, open_source, penalty_folder
@@ -51,7 +52,7 @@ def _efficientad_ast_kwargs(config: ExperimentConfig, channels: int, map_size: i
 
 
 def train_teacher(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
-    folder, key = stage_dir(config, category, "teacher"), stage_key(config, "teacher", category)
+    folder, key = stage_folder(config, category, "teacher"), stage_key(config, "teacher", category)
     if (done := completed_record(folder, key, verify=True)) is not None:
         return done
     device = resolve_device(config.run.device)
@@ -69,10 +70,10 @@ def train_teacher(config: ExperimentConfig, category: str, show_progress: bool =
 
 def _train_student(stage: str, model_name: str, config: ExperimentConfig, category: str,
                    show_progress: bool) -> StageRecord:
-    folder, key = stage_dir(config, category, stage), stage_key(config, stage, category)
+    folder, key = stage_folder(config, category, stage), stage_key(config, stage, category)
     if (done := completed_record(folder, key, verify=True)) is not None:
         return done
-    teacher_path = stage_dir(config, category, "teacher") / BEST_MODEL
+    teacher_path = stage_folder(config, category, "teacher") / BEST_MODEL
     if completed_stage(config, "teacher", category, verify=True) is None:
         raise CheckpointError(f"{teacher_path.parent}: no trained teacher for this config; "
                               f"run `effad-hpc train --stage teacher --category {category}` first")

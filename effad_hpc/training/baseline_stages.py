@@ -28,14 +28,15 @@ from effad_hpc.training.artifacts import (
     complete_stage,
     completed_record,
     save_state,
-    stage_dir,
 )
+from effad_hpc.training.hooks import Validated, announce
 from effad_hpc.training.registry import (
     ModelInputs,
     ModelRecipe,
     Stage,
     register_recipe,
     register_stage,
+    stage_folder,
     stage_key,
 )
 from effad_hpc.training.sources import FeatureSource, open_source
@@ -58,7 +59,7 @@ def _validation_score(model: nn.Module, source: FeatureSource, batch_size: int) 
 
 def _fit_stage(name: str, inputs_of: Inputs, fit: Fit) -> Callable[..., StageRecord]:
     def run(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
-        folder, key = stage_dir(config, category, name), stage_key(config, name, category)
+        folder, key = stage_folder(config, category, name), stage_key(config, name, category)
         if (done := completed_record(folder, key, verify=True)) is not None:
             return done
         settings: BaselineConfig = getattr(config, name)
@@ -72,10 +73,11 @@ def _fit_stage(name: str, inputs_of: Inputs, fit: Fit) -> Callable[..., StageRec
         batches = source.batches("train", range(source.size("train")), settings.batch_size)
         model = fit(config, source, batches).to(device).eval()
         seconds = time.monotonic() - started
+        validation = _validation_score(model, source, settings.batch_size)
+        announce(Validated(name, category, 1, 1, {"validation": validation}, model))
         save_state({k: v.cpu() for k, v in model.state_dict().items()}, folder / BEST_MODEL)
         return complete_stage(folder, stage=name, category=category, key=key, best_epoch=1, final_epoch=1,
-                              best_validation=_validation_score(model, source, settings.batch_size),
-                              stopped_early=False, train_seconds=round(seconds, 3))
+                              best_validation=validation, stopped_early=False, train_seconds=round(seconds, 3))
 
     return run
 

@@ -3,46 +3,66 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from effad_hpc.config import ExperimentConfig
 from effad_hpc.data import ImageDataset
 from effad_hpc.data.mvtec import Sample
 from effad_hpc.errors import CheckpointError
-from effad_hpc.features.backbones import build_backbone
+from effad_hpc.features.backbones import FeatureExtractor, build_backbone
 from effad_hpc.models import AnomalyDetector
 from effad_hpc.training.artifacts import BEST_MODEL, load_state
 from effad_hpc.training.registry import completed_stage, recipe, stage_folder
 from effad_hpc.utils.device import autocast
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """What a model reads, built: the backbone's extractor (None for a model that reads images)
+    and the channels and grid size of the tensor it is given."""
+
+    extractor: FeatureExtractor | None
+    channels: int
+    map_size: int
+
+
+def model_input(config: ExperimentConfig, model_name: str) -> ModelInput:
+    inputs = recipe(model_name).inputs(config)
+    if inputs.backbone is None:
+        return ModelInput(None, 3, inputs.image_size)
+    backbone = build_backbone(inputs.backbone)
+    layers = {layer.name: layer for layer in backbone.layers}
+    sizes = [layers[name].map_size(inputs.image_size) for name in inputs.layers]
+    return ModelInput(backbone.extractor, sum(layers[name].channels for name in inputs.layers),
+                      min(sizes) if inputs.preparation == "coarsest" else max(sizes))
+
+
+def as_detector(config: ExperimentConfig, model_name: str, model: nn.Module,
+                extractor: FeatureExtractor | None) -> AnomalyDetector:
+    """``model`` (trained, or in training) with the extractor of its inputs, as a detector; the
+    detector is in eval mode but shares ``model``, so the caller restores a training model's mode."""
+    inputs = recipe(model_name).inputs(config)
+    return AnomalyDetector(model, inputs.image_size, config.inference.score, extractor, inputs.layers,
+                           inputs.preparation)
+
+
 def load_detector(config: ExperimentConfig, model_name: str, category: str, device: torch.device) -> AnomalyDetector:
-    """The trained model of this config and category with its backbone, in eval mode on ``device``."""
-    model_recipe = recipe(model_name)
-    final = model_recipe.stages[-1]
+    """The trained model of this config and category with its backbone, in eval mode on ``device``:
+    the one home for loading a trained detector (evaluation, sweeps)."""
+    final = recipe(model_name).stages[-1]
     folder = stage_folder(config, category, final)
     if completed_stage(config, final, category, verify=True) is None:
         raise CheckpointError(f"{folder}: {model_name} is not trained for this config; run "
                               f"`effad-hpc train --model {model_name} --category {category}` first")
-    inputs = model_recipe.inputs(config)
     state = load_state(folder / BEST_MODEL)
-    if inputs.backbone is None:
-        model = model_recipe.build(config, 3, inputs.image_size, state)
-        extractor = None
-    else:
-        backbone = build_backbone(inputs.backbone)
-        layers = {layer.name: layer for layer in backbone.layers}
-        channels = sum(layers[name].channels for name in inputs.layers)
-        sizes = [layers[name].map_size(inputs.image_size) for name in inputs.layers]
-        map_size = min(sizes) if inputs.preparation == "coarsest" else max(sizes)
-        model = model_recipe.build(config, channels, map_size, state)
-        extractor = backbone.extractor
+    built = model_input(config, model_name)
+    model = recipe(model_name).build(config, built.channels, built.map_size, state)
     model.load_state_dict(state)
-    detector = AnomalyDetector(model, inputs.image_size, config.inference.score, extractor, inputs.layers,
-                               inputs.preparation)
-    return detector.to(device).eval()
+    return as_detector(config, model_name, model, built.extractor).to(device).eval()
 
 
 def predict(detector: AnomalyDetector, samples: Sequence[Sample], config: ExperimentConfig,

@@ -36,7 +36,6 @@ from effad_hpc.training.artifacts import (
     completed_record,
     load_state,
     save_state,
-    stage_dir,
 )
 from effad_hpc.training.registry import (
     Budget,
@@ -46,6 +45,7 @@ from effad_hpc.training.registry import (
     completed_stage,
     register_recipe,
     register_stage,
+    stage_folder,
     stage_key,
 )
 from effad_hpc.training.sources import (
@@ -118,7 +118,7 @@ def channel_statistics(maps: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torc
 def _use_teacher_file(config: ExperimentConfig, size: PDNSize, stage: str) -> StageRecord:
     """Check a user's PDN state dict against the architecture and keep it as the stage's model."""
     path = _distillation(config).teacher_weights
-    folder, key = stage_dir(config, SHARED, stage), stage_key(config, stage, SHARED)
+    folder, key = stage_folder(config, SHARED, stage), stage_key(config, stage, SHARED)
     if not path.is_file():
         raise CheckpointError(f"distillation.teacher_weights: {path} does not exist")
     try:
@@ -193,7 +193,7 @@ def _target_stats(compute: Callable[[torch.Tensor], torch.Tensor], dataset: Imag
 
 def _distill(size: PDNSize, stage: str) -> Callable[..., StageRecord]:
     def run(config: ExperimentConfig, category: str = SHARED, show_progress: bool = True) -> StageRecord:
-        folder, key = stage_dir(config, SHARED, stage), stage_key(config, stage, SHARED)
+        folder, key = stage_folder(config, SHARED, stage), stage_key(config, stage, SHARED)
         if (done := completed_record(folder, key, verify=True)) is not None:
             return done
         d = _distillation(config)
@@ -284,10 +284,10 @@ def map_quantiles(model: EfficientAD, loader: DataLoader, device: torch.device,
 
 def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., StageRecord]:
     def run(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
-        folder, key = stage_dir(config, category, model_name), stage_key(config, model_name, category)
+        folder, key = stage_folder(config, category, model_name), stage_key(config, model_name, category)
         if (done := completed_record(folder, key, verify=True)) is not None:
             return done
-        teacher_folder = stage_dir(config, SHARED, teacher_stage)
+        teacher_folder = stage_folder(config, SHARED, teacher_stage)
         if completed_stage(config, teacher_stage, SHARED, verify=True) is None:
             raise CheckpointError(f"{teacher_folder}: no teacher for this config; run "
                                   f"`effad-hpc train --model {model_name} --stage {teacher_stage}` first")

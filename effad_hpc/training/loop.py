@@ -40,6 +40,7 @@ from effad_hpc.training.artifacts import (
     save_state,
     write_log,
 )
+from effad_hpc.training.hooks import Validated, announce, rounds
 from effad_hpc.training.sources import FeatureSource, PenaltyImages
 from effad_hpc.utils.device import autocast, grad_scaler
 
@@ -189,6 +190,8 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
                     best_value, best_epoch = row["validation"], epoch
                     save_state(run.model.state_dict(), folder / BEST_MODEL)
                 stopped_early = patience is not None and epoch - best_epoch >= patience
+                done, total = rounds(epoch, settings.epochs, settings.validate_every)
+                announce(Validated(run.stage, run.category, done, total, row, run.model))
             row["seconds"] = time.monotonic() - started
             elapsed += row["seconds"]
             history.append(row)

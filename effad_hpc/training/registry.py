@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -122,9 +123,13 @@ def stage_key(config: ExperimentConfig, name: str, category: str) -> str:
     })
 
 
-def stage_folder(config: ExperimentConfig, category: str, name: str):
-    """Where stage ``name`` of ``category`` keeps its files (the shared folder for a shared stage)."""
-    return stage_dir(config, SHARED if STAGES[name].shared else category, name)
+def stage_folder(config: ExperimentConfig, category: str, name: str) -> Path:
+    """Where stage ``name`` of ``category`` keeps its files (the ``_shared`` folder for a shared
+    stage): in the run folder, or in ``run.shared_dir`` under the stage key."""
+    owner = SHARED if STAGES[name].shared else category
+    if config.run.shared_dir is not None:
+        return config.run.shared_dir / "train" / owner / name / stage_key(config, name, category)
+    return stage_dir(config, owner, name)
 
 
 def completed_stage(config: ExperimentConfig, name: str, category: str, verify: bool = False) -> StageRecord | None:
@@ -139,6 +144,6 @@ def run_stage(config: ExperimentConfig, name: str, category: str, show_progress:
     a shared stage) one trains it, the other waits and then finds it complete."""
     stage = STAGES[name]
     folder = stage_folder(config, category, name)
-    with exclusive_lock(folder.parent / f".{name}.lock"):
+    with exclusive_lock(folder.parent / f".{folder.name}.lock"):
         remove_stale_temps(folder, "*")  # under the lock, no writer of this folder is alive
         return stage.run(config, SHARED if stage.shared else category, show_progress=show_progress)

@@ -39,6 +39,7 @@ from effad_hpc.training.artifacts import (
     save_state,
     write_log,
 )
+from effad_hpc.training.hooks import Validated, announce, rounds
 from effad_hpc.training.loop import (
     resume_training_state,
     save_training_state,
@@ -137,6 +138,8 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
                 if run.validate is not None:
                     run.model.eval()
                     row["validation"] = run.validate()
+                    done, total = rounds(step, run.steps, run.checkpoint_every)
+                    announce(Validated(run.stage, run.category, done, total, row, run.model, run.finish))
                 now = time.monotonic()
                 row["seconds"] = now - started
                 elapsed += row["seconds"]

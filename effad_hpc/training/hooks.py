@@ -1,0 +1,64 @@
+"""What a training stage tells the code around it while it trains: one event per validation pass.
+
+The loops (:func:`~effad_hpc.training.loop.fit`, :func:`~effad_hpc.training.steps.fit_steps`)
+and the fitted baselines announce a :class:`Validated` event after every validation pass; a
+listener installed with :func:`listening` (a sweep trial reporting to Ray Tune) sees the model as
+it is at that point and may add values to the pass's log row, which is then written to
+``log.csv``. Without a listener nothing happens: training does not depend on who listens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A finished validation pass of stage ``stage`` for ``category``."""
+
+    stage: str
+    category: str
+    round: int
+    """Validation passes done so far (1 for the first), counting a resumed run's earlier ones."""
+    rounds: int
+    """Validation passes a run to the last epoch or step makes (early stopping may end it sooner)."""
+    row: dict
+    """The pass's log row (validation value, training losses, ...); a listener may add entries."""
+    model: nn.Module
+    """The stage's model as it is now (the listener must leave its weights and mode as it found them)."""
+    ready: Callable[[], None] | None = None
+    """Brings ``model`` into its inference state as if training ended now (EfficientAD's map
+    normalization, which the stage otherwise sets only after its last step)."""
+
+
+class ValidationListener(Protocol):
+    def __call__(self, event: Validated) -> None: ...
+
+
+_listeners: list[ValidationListener] = []
+
+
+@contextmanager
+def listening(listener: ValidationListener) -> Iterator[None]:
+    """Call ``listener`` on every validation pass of every stage trained inside this block."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def announce(event: Validated) -> None:
+    for listener in list(_listeners):
+        listener(event)
+
+
+def rounds(progress: int, total: int, every: int) -> tuple[int, int]:
+    """(validation passes after ``progress`` of ``total`` epochs or steps, passes of a full run)
+    for a loop that validates every ``every`` and after the last one."""
+    return -(-progress // every), -(-total // every)
