@@ -164,6 +164,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(s.state == DONE for s in states) else 1
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from effad_hpc.tune.space import check_space, load_spec
+
+    config = _load(args)
+    spec = load_spec(args.space)
+    check_space(config.model_dump(mode="json"), spec, args.space)  # before any job or Ray process starts
+    if args.executor == "slurm":
+        if args.address:
+            raise EffadError("--address names a running Ray cluster; --executor slurm starts its own: give one")
+        from effad_hpc.hpc.profiles import load_profile
+        from effad_hpc.tune.slurm import submit_sweep
+
+        profile = load_profile(args.profile or config.run.profile)
+        return submit_sweep(config, args.config, args.overrides, args.space, profile, args.resume, args.poll)
+    from effad_hpc.tune.sweep import run_sweep
+
+    result = run_sweep(config, spec, args.space, address=args.address, resume=args.resume)
+    counts = {status: sum(row["status"] == status for row in result.trials) for status in ("done", "stopped", "failed")}
+    print(f"sweep {result.folder.name}: {len(result.trials)} trials ("
+          + ", ".join(f"{n} {status}" for status, n in counts.items()) + f"); summary {result.folder}/sweep_summary.csv"
+          + (f"; best config {result.best_config}" if result.best_config else "; no trial finished"))
+    return 0 if result.best_config else 1
+
+
 def _write_run_leaderboard(run_dir: Path, console) -> None:
     from effad_hpc.leaderboard import LeaderboardError, build_leaderboard, write_leaderboard
 
@@ -275,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="return after submitting; follow with `effad-hpc status`")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between state updates")
     p.set_defaults(run=cmd_run)
+
+    p = sub.add_parser("sweep", help="Ray Tune search over a sweep file's space on label-free validation data")
+    _add_config(p)
+    p.add_argument("--space", required=True, type=Path, help="sweep file (see configs/sweeps/)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: Ray on this machine (or --address); slurm: one allocation running a Ray cluster")
+    p.add_argument("--address", help="HOST:PORT of a running Ray cluster (default: start Ray here)")
+    p.add_argument("--profile", type=Path, help="cluster profile YAML for --executor slurm (default: run.profile)")
+    p.add_argument("--resume", action="store_true", help="finish a sweep whose driver was stopped")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between state updates (--executor slurm)")
+    p.set_defaults(run=cmd_sweep)
 
     p = sub.add_parser("status", help="state of every stage of a run folder, also for jobs submitted elsewhere")
     p.add_argument("run_dir", type=Path)

@@ -345,6 +345,27 @@ class EvaluationConfig(Section):
     write_masks: bool = True
 
 
+class ValidationAnomaliesConfig(Section):
+    """The synthetic-anomaly validation set: anomalies pasted into the category's own validation
+    images, each with its mask, the same for every trial and model of a config's data. It gives a
+    label-free score (``val_synthetic_*``) that sweeps rank trials on; no test file is read."""
+
+    count: PositiveInt = 20
+    """Anomalous images per category (drawn round-robin over the validation images and kinds)."""
+    seed: int = 0
+    kinds: Annotated[list[Literal["cut_paste", "noise_blend"]], Field(min_length=1)] = ["cut_paste", "noise_blend"]
+    """``cut_paste``: a recoloured, rotated patch of another training image; ``noise_blend``: a
+    smooth-noise-shaped region where a transformed training image shows through."""
+    area: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.01, 0.06]
+    """Range of an anomaly's area as a fraction of the image."""
+
+    @model_validator(mode="after")
+    def _area_is_a_range(self) -> ValidationAnomaliesConfig:
+        if not self.area[0] < self.area[1]:
+            raise ValueError(f"area {self.area}: give [low, high] with low < high")
+        return self
+
+
 class RunConfig(Section):
     out_dir: ConfigPath = Path("runs/default")
     shared_dir: ConfigPath | None = None
@@ -395,6 +416,7 @@ class ExperimentConfig(Section):
     spade: SPADEConfig = SPADEConfig()
     inference: InferenceConfig = InferenceConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    validation_anomalies: ValidationAnomaliesConfig = ValidationAnomaliesConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="before")

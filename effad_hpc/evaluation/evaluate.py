@@ -17,7 +17,8 @@ Outputs under ``<run.out_dir>/<model>/``:
 
 ``metrics.json`` (schema version 1): ``schema_version``, ``key`` (hash of the trained model and the
 evaluation settings), ``model``, ``category``, ``dataset`` (``data.name``), ``layout``, ``data_root``,
-``config_hash``, ``code_version``, ``created_at``, ``device``; ``counts`` (test, good, defective,
+``config_hash``, ``trial`` (``<sweep>/<trial id>`` of a sweep trial, else empty), ``code_version``, ``created_at``,
+``device``; ``counts`` (test, good, defective,
 per defect type, validation); ``thresholds`` (``image``, ``pixel`` and how they were chosen);
 ``metrics``: a flat mapping name -> number or null (null: not defined for this data), with
 ``image_auroc``, ``pixel_auroc``, ``au_pro`` (MVTec AD), ``image_{f1,precision,recall}``,
@@ -25,7 +26,9 @@ per defect type, validation); ``thresholds`` (``image``, ``pixel`` and how they 
 ``oracle_pixel_*`` (best F1 on the test set, with its threshold), ``auroc_<defect>`` (each defect
 type against the good test images; for LOCO ``auroc_logical_anomalies``,
 ``auroc_structural_anomalies`` and ``auroc_loco_mean``), ``au_spro_<limit>_{logical,structural,mean}``
-(LOCO), ``teacher_auc_mean`` / ``teacher_auc_max`` (AST teachers), ``latency_ms``,
+(LOCO), ``teacher_auc_mean`` / ``teacher_auc_max`` (AST teachers), ``val_synthetic_image_auroc``,
+``val_synthetic_pixel_auroc``, ``val_synthetic_au_pro`` (the synthetic-anomaly validation set:
+no test label, what sweeps rank on), ``latency_ms``,
 ``throughput_ips``, ``train_seconds_<stage>``, ``best_epoch_<stage>``, ``final_epoch_<stage>``,
 ``train_seconds_total``; ``training``: the stage records; ``budget``: per trained stage the
 epochs or steps it was trained for against its paper's; ``warnings``; ``artifacts``: the size of
@@ -54,6 +57,7 @@ from effad_hpc.data import GOOD, ImageDataset, category_fingerprints, dataset_na
 from effad_hpc.data.images import image_size, read_rgb
 from effad_hpc.data.mvtec import CategoryData, Sample, check_ground_truth
 from effad_hpc.errors import TrainingError
+from effad_hpc.data.validation_anomalies import ensure_validation_anomalies
 from effad_hpc.evaluation import outputs
 from effad_hpc.evaluation.metrics import (
     QUANTILE_SAMPLE_PER_BIN,
@@ -67,6 +71,7 @@ from effad_hpc.evaluation.metrics import (
     sample_pixels,
     spro_regions,
 )
+from effad_hpc.evaluation.synthetic_validation import synthetic_validation_metrics
 from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import STAGES, load_detector, read_log, read_record, recipe, stage_folder, stage_key
 from effad_hpc.training.artifacts import BEST_MODEL
@@ -106,7 +111,8 @@ def evaluation_key(config: ExperimentConfig, model: str, category: str) -> str:
     return stable_hash({"model": model, "trained": stage_key(config, final, category), "model_sha256": model_file,
                         "data": {part: fingerprints[part] for part in ("validation", "test", "ground_truth")},
                         "inference": config.inference.model_dump(mode="json"),
-                        "evaluation": config.evaluation.model_dump(mode="json")})
+                        "evaluation": config.evaluation.model_dump(mode="json"),
+                        "validation_anomalies": config.validation_anomalies.model_dump(mode="json")})
 
 
 @dataclass(frozen=True)
@@ -402,6 +408,8 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
                TimeElapsedColumn()]
     with Progress(*columns, disable=not show_progress) as progress:
         thresholds = fit_thresholds(detector, validation, config, model, category, device, progress)
+        synthetic = synthetic_validation_metrics(detector, ensure_validation_anomalies(config, category), config,
+                                                 device)
         predictions = predict_test(detector, test, config, model, category, device, progress)
         # Labels are read from here on, after the thresholds and every map are fixed.
         curves, pixel_at_threshold = score_pixels(data, test, config, model, predictions, thresholds, progress)
@@ -411,7 +419,7 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
     records = {stage: read_record(stage_folder(config, category, stage)) for stage in stages}
     metrics = _image_metrics(test, predictions, thresholds, data.layout)
     metrics |= _pixel_metrics(curves, pixel_at_threshold, config, data.layout)
-    metrics |= {"latency_ms": latency_ms, "throughput_ips": throughput}
+    metrics |= synthetic | {"latency_ms": latency_ms, "throughput_ips": throughput}
     for stage, record in records.items():
         metrics |= {f"train_seconds_{stage}": record.train_seconds, f"best_epoch_{stage}": record.best_epoch,
                     f"final_epoch_{stage}": record.final_epoch}
@@ -424,7 +432,7 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
     result = {
         "schema_version": SCHEMA_VERSION, "key": key, "model": model, "category": category,
         "dataset": dataset_name(config), "layout": data.layout, "data_root": str(config.data.root),
-        "config_hash": config_hash(config), "run_name": config.name,
+        "config_hash": config_hash(config), "run_name": config.name, "trial": config.run.trial or "",
         "code_version": code_version(), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "counts": {"test": len(test), "good": sum(s.label == 0 for s in test), "defective": sum(s.label for s in test),

@@ -39,6 +39,10 @@ class ClusterProfile(Resources):
     setup: list[str] = []
     """Shell lines run at the start of every Slurm job (``module load ...``)."""
     stages: dict[str, Resources] = {}
+    """Keyed by stage name (``extract``, ``teacher``, ..., ``evaluate``), or ``sweep`` for the
+    allocation of ``effad-hpc sweep --executor slurm`` (per node: its CPUs, GPUs, memory)."""
+    sweep_nodes: PositiveInt = 1
+    """Nodes of a sweep's allocation: a Ray head on the first, a Ray worker on each other."""
 
     def for_stage(self, stage: str) -> Resources:
         values = Resources.model_validate(self.model_dump(include=set(Resources.model_fields))).model_dump()

@@ -97,7 +97,7 @@ def node_id(node: Node) -> str:
     return f"{node.category}/{node.name}"
 
 
-def _executor(kind: Executor, folder: Path, profile: ClusterProfile, stage: str,
+def executor_for(kind: Executor, folder: Path, profile: ClusterProfile, stage: str,
               dependency: list[str]) -> submitit.AutoExecutor:
     requeues = {f"{kind}_max_num_timeout": profile.max_requeues} if kind != "debug" else {}
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=kind, **requeues)
@@ -147,7 +147,7 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
         for worker in range(workers):
             nodes = list(dict.fromkeys(node for entry in pending[worker::workers] for node in entry.todo))
             upstream = {node: ups for entry in pending for node, ups in entry.graph.items() if node in nodes}
-            job = _executor(executor, logs, profile, "chain", []).submit(ChainJob(), raw, nodes, cpus, upstream)
+            job = executor_for(executor, logs, profile, "chain", []).submit(ChainJob(), raw, nodes, cpus, upstream)
             submission.handles.append(job)
             submission.jobs.append(SubmittedJob(str(job.job_id), [node_id(n) for n in nodes], str(logs)))
     record_submission(out, submission)
@@ -169,7 +169,7 @@ def _submit_slurm(config: ExperimentConfig, raw: dict, pending: list[Pending], p
     for stage, upstream in stages.items():
         dependency = ",".join(f"{'afterany' if up[0] == EXTRACT else 'afterok' if up in shared else 'aftercorr'}:"
                               f"{array_of[up]}" for up in upstream if up in array_of)
-        runner = _executor("slurm", logs, profile, stage[0], [dependency] if dependency else [])
+        runner = executor_for("slurm", logs, profile, stage[0], [dependency] if dependency else [])
         if stage in shared:
             node = Node(SHARED, *stage)
             if node in todo:

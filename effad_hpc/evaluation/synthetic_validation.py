@@ -1,0 +1,66 @@
+"""``val_synthetic_*``: a detector's scores on the synthetic-anomaly validation set.
+
+Image AUROC of the anomalous images against the clean validation images, and pixel AUROC and
+AU-PRO (to ``evaluation.pro_fpr_limit``) of the maps against the masks, all at the detector's
+input size: cheap enough to run at every validation pass of a training stage (a sweep's
+objective), and the same numbers on every trial and model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from effad_hpc.config import ExperimentConfig
+from effad_hpc.data.validation_anomalies import AnomalySet
+from effad_hpc.data.mvtec import GroundTruthRegion
+from effad_hpc.evaluation.metrics import PixelCurves, auroc, pro_regions
+from effad_hpc.models import AnomalyDetector, image_scores
+from effad_hpc.utils.device import autocast
+
+CURVE_BINS = 1000
+"""Thresholds of the pixel curves: the set has some 10^6 pixels, not a test split's 10^8."""
+
+
+def score_maps(clean_scores: np.ndarray, anomalous_scores: np.ndarray, clean_maps: np.ndarray,
+               anomalous_maps: np.ndarray, masks: np.ndarray, pro_fpr_limit: float) -> dict[str, float | None]:
+    """The three metrics from image scores, (N, S, S) maps and (M, S, S) boolean masks."""
+    labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(anomalous_scores))]
+    maps = np.concatenate([clean_maps, anomalous_maps])
+    curves = PixelCurves(float(maps.min()), float(maps.max()), CURVE_BINS, maps.ravel())
+    for anomaly_map in clean_maps:
+        curves.add(anomaly_map, [], good=True)
+    for anomaly_map, mask in zip(anomalous_maps, masks):
+        curves.add(anomaly_map, pro_regions([GroundTruthRegion(mask, "synthetic")], "synthetic"), good=False)
+    return {"val_synthetic_image_auroc": auroc(labels, np.r_[clean_scores, anomalous_scores]),
+            "val_synthetic_pixel_auroc": curves.auroc(), "val_synthetic_au_pro": curves.au_pro(pro_fpr_limit)}
+
+
+def _maps_and_scores(detector: AnomalyDetector, images: torch.Tensor, config: ExperimentConfig,
+                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    size = (detector.image_size, detector.image_size)
+    maps, scores = [], []
+    for batch in images.split(config.inference.batch_size):
+        with autocast(device, config.run.mixed_precision):
+            grid, own = detector.grid_output(batch.to(device))
+        combined = detector.to_size({"combined": grid["combined"]}, size)["combined"].float()
+        scores.append((own if own is not None else image_scores(combined, detector.score)).float().cpu())
+        maps.append(combined.cpu())
+    return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+
+
+def synthetic_validation_metrics(detector: AnomalyDetector, anomaly_set: AnomalySet, config: ExperimentConfig,
+                                 device: torch.device) -> dict[str, float | None]:
+    """The detector's ``val_synthetic_*`` metrics; a model in training gets its mode back."""
+    clean, anomalous, masks = anomaly_set.tensors(detector.image_size)
+    modes = {module: module.training for module in detector.modules()}
+    detector.eval()
+    try:
+        with torch.no_grad():
+            clean_maps, clean_scores = _maps_and_scores(detector, clean, config, device)
+            anomalous_maps, anomalous_scores = _maps_and_scores(detector, anomalous, config, device)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return score_maps(clean_scores, anomalous_scores, clean_maps, anomalous_maps, masks.numpy(),
+                      config.evaluation.pro_fpr_limit)

@@ -1,0 +1,77 @@
+"""The synthetic-anomaly validation set: deterministic, made from validation images only, and a
+metric that tells a map that finds the anomalies from one that does not."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from effad_hpc.data.validation_anomalies import ensure_validation_anomalies
+from effad_hpc.evaluation.synthetic_validation import score_maps
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def category(tmp_path, synthetic_ad):
+    shutil.copytree(synthetic_ad / "fabric", tmp_path / "data" / "fabric")
+    return tmp_path / "data"
+
+
+def _bytes(anomaly_set) -> list[bytes]:
+    return [path.read_bytes() for a in anomaly_set.anomalies for path in (a.image, a.mask)]
+
+
+def test_the_set_is_the_same_in_every_run_folder_and_a_rerun_skips(tmp_path, category):
+    first = ensure_validation_anomalies(tiny_config(category, tmp_path / "a"), "fabric")
+    second = ensure_validation_anomalies(tiny_config(category, tmp_path / "b"), "fabric")
+    assert first.folder != second.folder and _bytes(first) == _bytes(second)
+    times = [a.image.stat().st_mtime_ns for a in first.anomalies]
+    again = ensure_validation_anomalies(tiny_config(category, tmp_path / "a"), "fabric")
+    assert [a.image.stat().st_mtime_ns for a in again.anomalies] == times
+    other = ensure_validation_anomalies(tiny_config(category, tmp_path / "c", {"validation_anomalies.seed": 1}),
+                                        "fabric")
+    assert _bytes(other) != _bytes(first)
+    assert {a.kind for a in first.anomalies} == {"cut_paste", "noise_blend"}
+
+
+def test_anomalies_change_only_their_masked_pixels_of_a_validation_image(tmp_path, category):
+    anomaly_set = ensure_validation_anomalies(tiny_config(category, tmp_path / "run"), "fabric")
+    assert {a.source.split for a in anomaly_set.anomalies} == {"validation"}
+    for anomaly in anomaly_set.anomalies:
+        image = np.asarray(Image.open(anomaly.image).convert("RGB")).astype(int)
+        source = np.asarray(Image.open(anomaly.source.path).convert("RGB")).astype(int)
+        mask = np.asarray(Image.open(anomaly.mask))
+        assert mask.shape == image.shape[:2] and set(np.unique(mask)) == {0, 255}
+        inside = mask > 0
+        assert 0.002 < inside.mean() < 0.15
+        assert np.array_equal(image[~inside], source[~inside])
+        assert np.abs(image - source)[inside].mean() > 10  # visible, not an invisible blend
+
+
+def test_made_without_the_test_split_and_a_damaged_file_is_made_again(tmp_path, category):
+    shutil.rmtree(category / "fabric" / "test")
+    shutil.rmtree(category / "fabric" / "ground_truth")
+    config = tiny_config(category, tmp_path / "run")
+    anomaly_set = ensure_validation_anomalies(config, "fabric")
+    expected = _bytes(anomaly_set)
+    damaged = anomaly_set.anomalies[0].image
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    assert _bytes(ensure_validation_anomalies(config, "fabric")) == expected
+
+
+def test_the_score_tells_a_map_that_finds_the_anomalies_from_one_that_does_not():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 32, 32), dtype=bool)
+    for index, mask in enumerate(masks):
+        mask[4 * index:4 * index + 6, 10:18] = True
+    clean_maps = rng.random((3, 32, 32)) * 0.5
+    perfect = np.where(masks, 1.0, 0.0) + rng.random(masks.shape) * 0.1
+    found = score_maps(clean_maps.max((1, 2)), perfect.max((1, 2)), clean_maps, perfect, masks, 0.3)
+    assert found["val_synthetic_image_auroc"] == 1.0
+    assert found["val_synthetic_pixel_auroc"] > 0.99 and found["val_synthetic_au_pro"] > 0.95
+    constant = np.zeros_like(perfect)
+    blind = score_maps(np.zeros(3), np.zeros(4), np.zeros_like(clean_maps), constant, masks, 0.3)
+    assert blind["val_synthetic_image_auroc"] == 0.5 and blind["val_synthetic_pixel_auroc"] == pytest.approx(0.5)
