@@ -80,7 +80,7 @@ def _evaluate_on_test(setup: TrialSetup, row: dict, params: dict, console: Conso
         row[f"test_{name}"] = float(np.mean(values)) if values else None
     console.print(f"sweep {setup.model}: trial {row['trial']} on test: " +
                   ", ".join(f"{name} {row[f'test_{name}']:.4f}" for name in TEST_METRICS
-                            if row.get(f"test_{name}") is not None))
+                            if row.get(f"test_{name}") is not None), soft_wrap=True)
     return config.run.out_dir
 
 

@@ -116,7 +116,9 @@ def tune_model(setup: TrialSetup, spec: SweepSpec, storage: Path, resume: bool, 
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(name=setup.model, storage_path=str(storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  # every checkpoint kept (a few bytes each: the training state is
+                                  # the stage's own last.pt); a cap would force a state snapshot
+                                  # at every report
                                   callbacks=[ProgressLine(setup.model, spec.mode)]))
     return tuner.fit()
 
