@@ -171,6 +171,20 @@ def test_a_killed_driver_resumes_without_redoing_a_finished_trial(tmp_path, synt
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+def test_a_baseline_sweep_with_optuna_search(tmp_path, synthetic_ad):
+    config_path, spec = _files(tmp_path, synthetic_ad, {
+        "models": ["patchcore"], "scheduler": {"kind": "fifo"}, "search": "optuna", "num_samples": 2,
+        "max_concurrent": 2, "top_k": 1,
+        "space": {"patchcore.coreset_ratio": {"uniform": [0.05, 0.5]}, "patchcore.num_neighbors": {"choice": [1, 3]}}},
+        {"models": ["patchcore"], "backbone.layers": ["blocks.2", "blocks.4"]})
+    out = _cli("sweep", "--config", config_path, "--space", spec)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = _summary(tmp_path / "run" / "sweeps" / "sweep")
+    assert len(rows) == 2 and {row["status"] for row in rows} == {"done"}
+    assert all(0.05 <= float(row["param:patchcore.coreset_ratio"]) <= 0.5 for row in rows)
+    assert sum(bool(row["test_image_auroc"]) for row in rows) == 1
+
+
 @pytest.mark.slurm
 def test_sweep_in_a_slurm_allocation_runs_a_ray_cluster_and_writes_its_summary(slurm_cluster, tmp_path,
                                                                                synthetic_ad):
