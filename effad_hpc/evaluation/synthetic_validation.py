@@ -13,6 +13,7 @@ import torch
 
 from effad_hpc.config import ExperimentConfig
 from effad_hpc.data.validation_anomalies import AnomalySet
+from effad_hpc.errors import TrainingError
 from effad_hpc.data.mvtec import GroundTruthRegion
 from effad_hpc.evaluation.metrics import PixelCurves, auroc, pro_regions
 from effad_hpc.models import AnomalyDetector, image_scores
@@ -62,5 +63,8 @@ def synthetic_validation_metrics(detector: AnomalyDetector, anomaly_set: Anomaly
     finally:
         for module, training in modes.items():
             module.training = training
+    if not (np.isfinite(clean_maps).all() and np.isfinite(anomalous_maps).all()):
+        raise TrainingError(f"{anomaly_set.folder}: the model's maps of the synthetic-anomaly validation set have "
+                            "NaN/inf values: the training diverged (try a lower learning rate)")
     return score_maps(clean_scores, anomalous_scores, clean_maps, anomalous_maps, masks.numpy(),
                       config.evaluation.pro_fpr_limit)

@@ -21,6 +21,7 @@ from effad_hpc.models.autoencoder import FeatureAutoencoder
 from effad_hpc.models.flow import FlowTeacher, negative_log_likelihood
 from effad_hpc.models.losses import hard_mse
 from effad_hpc.models.positional import positional_encoding_2d
+from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.registry import register_model
 from effad_hpc.models.student import ResidualStudent, unrecorded_batch_statistics
 
@@ -60,7 +61,7 @@ class ASTTeacher(nn.Module):
         return 0.5 * z.pow(2).mean(dim=1)
 
 
-class _StudentTeacher(nn.Module):
+class _StudentTeacher(AnomalyModel):
     """Common part: a frozen, trained teacher whose z the students regress."""
 
     def __init__(self, feature_channels: int, map_size: int, teacher: dict, loss_percentile: float):

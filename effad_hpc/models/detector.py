@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from effad_hpc.features.backbones import FeatureExtractor
+from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.feature_maps import PREPARATIONS, Preparation
 
 ImageScore = Literal["max", "mean"]
@@ -45,7 +46,7 @@ class AnomalyDetector(nn.Module):
     the max (or mean) of the resized combined map.
     """
 
-    def __init__(self, model: nn.Module, image_size: int, score: ImageScore = "max",
+    def __init__(self, model: AnomalyModel, image_size: int, score: ImageScore = "max",
                  extractor: FeatureExtractor | None = None, layers: Sequence[str] = (),
                  preparation: Preparation = "coarsest"):
         super().__init__()
@@ -64,8 +65,7 @@ class AnomalyDetector(nn.Module):
         """The model's maps on its grid, before resizing, and its own image scores (or None)."""
         inputs = self.model_inputs(images)
         maps = self.model.maps(inputs)
-        scores = self.model.image_scores(inputs, maps) if hasattr(self.model, "image_scores") else None
-        return maps, scores
+        return maps, self.model.image_scores(inputs, maps)
 
     @torch.no_grad()
     def grid_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -73,7 +73,7 @@ class AnomalyDetector(nn.Module):
 
     def to_size(self, grid: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Grid maps at ``size``, smoothed as the model asks (its sigma scaled from its input size)."""
-        sigma = getattr(self.model, "smoothing_sigma", 0.0) * size[0] / self.image_size
+        sigma = self.model.smoothing_sigma * size[0] / self.image_size
         return resize_maps(grid, size, sigma)
 
     @torch.no_grad()

@@ -15,12 +15,12 @@ Images come in [0, 1] and are normalized with the ImageNet statistics here.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from effad_hpc.models.autoencoder import ImageAutoencoder
 from effad_hpc.models.losses import hard_mse
 from effad_hpc.models.pdn import FEATURE_CHANNELS, PDN, PDNSize, pdn_output_size
+from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,7 +35,7 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-class EfficientAD(nn.Module):
+class EfficientAD(AnomalyModel):
     def __init__(self, pdn_size: PDNSize = "small", image_size: int = 256, hard_quantile: float = 0.999,
                  ae_dropout: float = 0.2):
         super().__init__()

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
+from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.registry import register_model
 
 
-class PaDiM(nn.Module):
+class PaDiM(AnomalyModel):
     def __init__(self, in_channels: int, map_size: tuple[int, int], dims: int = 100, seed: int = 0,
                  smoothing_sigma: float = 4.0):
         super().__init__()

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from effad_hpc.models.coreset import greedy_coreset
 from effad_hpc.models.knn import nearest_neighbours
+from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.registry import register_model
 
 
@@ -25,7 +25,7 @@ def _flat(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-class PatchCore(nn.Module):
+class PatchCore(AnomalyModel):
     def __init__(self, channels: int, bank_size: int, num_neighbors: int = 9, smoothing_sigma: float = 4.0):
         super().__init__()
         self.num_neighbors = min(num_neighbors, bank_size)  # a tiny bank has fewer neighbours to offer

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 from effad_hpc.models.knn import nearest_neighbours
+from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.registry import register_model
 
 
@@ -29,7 +29,7 @@ def _split(features: torch.Tensor, pixel_channels: int) -> tuple[torch.Tensor, t
     return pyramid, image_level.mean(dim=(2, 3))
 
 
-class SPADE(nn.Module):
+class SPADE(AnomalyModel):
     def __init__(self, gallery_size: int, channels: int, map_size: tuple[int, int], image_neighbors: int = 50,
                  pixel_neighbors: int = 1, smoothing_sigma: float = 4.0, global_channels: int | None = None):
         """``channels``: the pixel pyramid's; ``global_channels``: those of the image-level feature

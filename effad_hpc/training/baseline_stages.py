@@ -52,7 +52,7 @@ def _validation_score(model: nn.Module, source: FeatureSource, batch_size: int) 
     with torch.no_grad():
         for features in source.batches("validation", range(source.size("validation")), batch_size):
             maps = model.maps(features)
-            own = model.image_scores(features, maps) if hasattr(model, "image_scores") else None
+            own = model.image_scores(features, maps)
             scores.append(own if own is not None else image_scores(maps["combined"]))
     return float(torch.cat(scores).mean()) if scores else float("nan")
 
