@@ -95,19 +95,18 @@ def _scheduler(spec: SweepSpec):
                          reduction_factor=s.reduction_factor)
 
 
-def tune_model(setup: TrialSetup, spec: SweepSpec, storage: Path, resume: bool, console: Console):
+def tune_model(setup: TrialSetup, spec: SweepSpec, storage: Path, resume: bool):
     """Run (or with ``resume`` restore and finish) the Tune experiment of one model."""
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     path = storage / setup.model
-    if resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise ConfigError(f"{path}: no sweep to resume here (run it without --resume first)")
+    if tune.Tuner.can_restore(str(path)):
+        if not resume:
+            raise ConfigError(f"{path}: this sweep was started before; pass --resume to finish it, or remove {path}")
         # Finished trials stay finished and failed ones failed; unfinished ones continue from
         # their last checkpoint (a restored Tuner keeps its run config, callbacks included).
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False).fit()
-    if path.exists():
-        raise ConfigError(f"{path}: this sweep was started before; pass --resume to finish it, or remove {path}")
+    # Nothing to restore (a driver stopped before this model's experiment began): start it.
     tuner = tune.Tuner(
         trainable, param_space=param_space(spec),
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=spec.mode, scheduler=_scheduler(spec),
@@ -143,7 +142,7 @@ def run_sweep(config: ExperimentConfig, spec: SweepSpec, spec_path: Path, addres
         grids = {}
         for model in spec.models:
             setup = TrialSetup(base, model, categories, str(folder), folder.name, spec.objective)
-            grids[model] = (setup, tune_model(setup, spec, storage, resume, console))
+            grids[model] = (setup, tune_model(setup, spec, storage, resume))
         return write_outputs(folder, spec, grids, console)
     finally:
         ray.shutdown()
