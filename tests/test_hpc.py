@@ -48,11 +48,21 @@ def _run(*args, timeout=900):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def _stuck_report(states) -> str:
+    """What a pipeline that did not finish in time was waiting for, with Slurm's own view."""
+    active = [(s.node.category, s.node.name, s.state, s.job_id) for s in states if s.state != "DONE"]
+    ids = ",".join(sorted({str(s.job_id).split("_")[0] for s in states if s.job_id}))
+    views = [subprocess.run(command, capture_output=True, text=True).stdout for command in (
+        ["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,Elapsed,Reason"],
+        ["squeue", "-h", "-r", "-t", "all", "-j", ids, "-o", "%i|%T|%M|%r"])]
+    return f"not done: {active}\nsacct:\n{views[0]}\nsqueue:\n{views[1]}"
+
+
 def _wait_until_idle(config, timeout=840):  # the whole pipeline of two categories on 2 cores
     deadline = time.monotonic() + timeout
     states = run_states(config)
     while any(s.active for s in states):
-        assert time.monotonic() < deadline, [(s.node, s.state) for s in states]
+        assert time.monotonic() < deadline, _stuck_report(states)
         time.sleep(2)
         states = run_states(config)
     return {(s.node.category, s.node.name): s.state for s in states}

@@ -1,7 +1,8 @@
 """The state of every node of a run, from the markers on disk and the jobs that were submitted.
 
 Works from any process (``effad-hpc status RUN_DIR``): completion comes from the markers, the
-state of the rest from Slurm's accounting (``sacct``) or, for local jobs, from submitit's result
+state of the rest from Slurm (the controller's ``squeue`` while it knows a job, the accounting's
+``sacct`` after) or, for local jobs, from submitit's result
 files and the job's process.
 """
 
@@ -27,6 +28,7 @@ from effad_hpc.hpc.graph import Node, is_complete, run_graph
 from effad_hpc.hpc.submit import node_id, read_submissions
 
 DONE, RUNNING, PENDING, FAILED, BLOCKED, MISSING = "DONE", "RUNNING", "PENDING", "FAILED", "BLOCKED", "NOT SUBMITTED"
+UNKNOWN = "UNKNOWN"  # ended, with no record left in Slurm
 ACTIVE = {RUNNING, PENDING, "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "PREEMPTED"}
 STYLE = {DONE: "green", RUNNING: "cyan", PENDING: "yellow", "REQUEUED": "cyan"}
 
@@ -44,25 +46,40 @@ class NodeState:
         return self.state in ACTIVE
 
 
-def _sacct(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """job or array task id -> (state, elapsed); a pending array's tasks appear under its id."""
+def _query(command: list[str]) -> list[str] | None:
+    """Output lines of a Slurm client, or None when it could not answer (not installed, hung)."""
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.splitlines()
+
+
+def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """Job or array task id -> (state, elapsed), None when neither sacct nor squeue answered.
+
+    The controller (``squeue``) is asked after the accounting (``sacct``) and wins: accounting
+    lags behind it (a running array task still shows as pending there) and may miss a job for a
+    while, and the controller forgets a job a few minutes after it ended (MinJobAge)."""
     if not job_ids:
         return {}
-    try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids})),
-                              "-o", "JobID,State,Elapsed"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
+    jobs = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    accounting = _query(["sacct", "-n", "-P", "-X", "-j", jobs, "-o", "JobID,State,Elapsed"])
+    controller = _query(["squeue", "-h", "-r", "-t", "all", "-j", jobs, "-o", "%i|%T|%M"])
+    if accounting is None and controller is None:
+        return None
     states: dict[str, tuple[str, str]] = {}
-    for line in out.stdout.splitlines():
+    for line in (accounting or []) + (controller or []):
         job, state, elapsed = (line.split("|") + ["", ""])[:3]
         key = job.split("_[")[0]  # "123_[4-7]": tasks not started yet
         states[key] = (state.split()[0] if state else PENDING, elapsed)
     return states
 
 
-def _task_state(states: dict[str, tuple[str, str]], task: str) -> tuple[str, str]:
-    return states.get(task) or states.get(task.split("_")[0]) or (PENDING, "")
+def _task_state(states: dict[str, tuple[str, str]] | None, task: str) -> tuple[str, str]:
+    if states is None:  # Slurm did not answer this time: keep waiting
+        return PENDING, ""
+    return states.get(task) or states.get(task.split("_")[0]) or (UNKNOWN, "")
 
 
 def _combined_state(states: list[tuple[str, str]]) -> tuple[str, str]:
@@ -105,7 +122,7 @@ def run_states(config: ExperimentConfig, models: list[str] | None = None) -> lis
         for job in submission["jobs"]:
             for nid in job["nodes"]:
                 latest[nid] = (submission, job)
-    slurm = _sacct([job["job_id"] for sub, job in latest.values() if sub["executor"] == "slurm"])
+    slurm = _slurm_states([job["job_id"] for sub, job in latest.values() if sub["executor"] == "slurm"])
     graph = run_graph(config, categories_of(config), models or list(config.models))
     nodes = list(graph)
     done = {node_id(node) for node in nodes if is_complete(config, node)}
