@@ -75,3 +75,33 @@ def test_the_score_tells_a_map_that_finds_the_anomalies_from_one_that_does_not()
     constant = np.zeros_like(perfect)
     blind = score_maps(np.zeros(3), np.zeros(4), np.zeros_like(clean_maps), constant, masks, 0.3)
     assert blind["val_synthetic_image_auroc"] == 0.5 and blind["val_synthetic_pixel_auroc"] == pytest.approx(0.5)
+
+
+def test_scores_from_features_made_once_equal_the_detectors_own_maps(tmp_path, category):
+    """A sweep runs the backbone over the set once per category and scores every validation pass
+    from those features: the metrics are those of the detector's full forward pass."""
+    torch = pytest.importorskip("torch")
+    from effad_hpc.evaluation.synthetic_validation import scoring_inputs, synthetic_validation_metrics
+    from effad_hpc.models import image_scores
+    from effad_hpc.training import recipe
+    from effad_hpc.training.detector import as_detector, model_input
+
+    config = tiny_config(category, tmp_path / "run", {"run.mixed_precision": False})
+    anomaly_set = ensure_validation_anomalies(config, "fabric")
+    built = model_input(config, "efficientad_ast")
+    torch.manual_seed(0)
+    model = recipe("efficientad_ast").build(config, built.channels, built.map_size, None)
+    detector = as_detector(config, "efficientad_ast", model, built.extractor)
+    device = torch.device("cpu")
+    inputs = scoring_inputs(detector, anomaly_set, config, device)
+    assert inputs.clean.shape[1] == built.channels  # features, not images
+    cached = synthetic_validation_metrics(detector, inputs, config, device)
+
+    clean, anomalous, masks = anomaly_set.tensors(detector.image_size)
+    outputs = [detector(images) for images in (clean, anomalous)]
+    maps = [out["maps"]["combined"].numpy() for out in outputs]
+    scores = [image_scores(out["maps"]["combined"], detector.score).numpy() for out in outputs]
+    direct = score_maps(scores[0], scores[1], maps[0], maps[1], masks.numpy(), config.evaluation.pro_fpr_limit)
+    assert cached.keys() == direct.keys()
+    for name, value in direct.items():
+        assert cached[name] == pytest.approx(value, abs=1e-6), name

@@ -71,7 +71,7 @@ from effad_hpc.evaluation.metrics import (
     sample_pixels,
     spro_regions,
 )
-from effad_hpc.evaluation.synthetic_validation import synthetic_validation_metrics
+from effad_hpc.evaluation.synthetic_validation import scoring_inputs, synthetic_validation_metrics
 from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import STAGES, load_detector, read_log, read_record, recipe, stage_folder, stage_key
 from effad_hpc.training.artifacts import BEST_MODEL
@@ -408,8 +408,8 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
                TimeElapsedColumn()]
     with Progress(*columns, disable=not show_progress) as progress:
         thresholds = fit_thresholds(detector, validation, config, model, category, device, progress)
-        synthetic = synthetic_validation_metrics(detector, ensure_validation_anomalies(config, category), config,
-                                                 device)
+        anomaly_set = scoring_inputs(detector, ensure_validation_anomalies(config, category), config, device)
+        synthetic = synthetic_validation_metrics(detector, anomaly_set, config, device)
         predictions = predict_test(detector, test, config, model, category, device, progress)
         # Labels are read from here on, after the thresholds and every map are fixed.
         curves, pixel_at_threshold = score_pixels(data, test, config, model, predictions, thresholds, progress)

@@ -8,6 +8,11 @@ objective), and the same numbers on every trial and model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -37,34 +42,67 @@ def score_maps(clean_scores: np.ndarray, anomalous_scores: np.ndarray, clean_map
             "val_synthetic_pixel_auroc": curves.auroc(), "val_synthetic_au_pro": curves.au_pro(pro_fpr_limit)}
 
 
-def _maps_and_scores(detector: AnomalyDetector, images: torch.Tensor, config: ExperimentConfig,
+@dataclass(frozen=True)
+class ScoringInputs:
+    """The synthetic-anomaly set as a detector's model reads it: its backbone features (or the
+    images, for a model that reads images) of the clean and the anomalous images, on the CPU."""
+
+    folder: Path
+    clean: torch.Tensor
+    anomalous: torch.Tensor
+    masks: np.ndarray
+
+
+def scoring_inputs(detector: AnomalyDetector, anomaly_set: AnomalySet, config: ExperimentConfig,
+                   device: torch.device) -> ScoringInputs:
+    """The set through the detector's frozen extractor, once: a sweep scores every validation
+    pass of a trial, and the backbone was most of a pass's time."""
+    clean, anomalous, masks = anomaly_set.tensors(detector.image_size)
+
+    def prepared(images: torch.Tensor) -> torch.Tensor:
+        with _eval_mode(detector), torch.no_grad():
+            parts = []
+            for batch in images.split(config.inference.batch_size):
+                with autocast(device, config.run.mixed_precision):
+                    parts.append(detector.model_inputs(batch.to(device)).cpu())
+            return torch.cat(parts)
+
+    return ScoringInputs(anomaly_set.folder, prepared(clean), prepared(anomalous), masks.numpy())
+
+
+@contextmanager
+def _eval_mode(detector: AnomalyDetector) -> Iterator[None]:
+    """Eval mode for scoring; a model in training gets its modes back."""
+    modes = {module: module.training for module in detector.modules()}
+    detector.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _maps_and_scores(detector: AnomalyDetector, inputs: torch.Tensor, config: ExperimentConfig,
                      device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     size = (detector.image_size, detector.image_size)
     maps, scores = [], []
-    for batch in images.split(config.inference.batch_size):
+    for batch in inputs.split(config.inference.batch_size):
         with autocast(device, config.run.mixed_precision):
-            grid, own = detector.grid_output(batch.to(device))
+            grid, own = detector.grid_output_from(batch.to(device))
         combined = detector.to_size({"combined": grid["combined"]}, size)["combined"].float()
         scores.append((own if own is not None else image_scores(combined, detector.score)).float().cpu())
         maps.append(combined.cpu())
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()
 
 
-def synthetic_validation_metrics(detector: AnomalyDetector, anomaly_set: AnomalySet, config: ExperimentConfig,
+def synthetic_validation_metrics(detector: AnomalyDetector, inputs: ScoringInputs, config: ExperimentConfig,
                                  device: torch.device) -> dict[str, float | None]:
-    """The detector's ``val_synthetic_*`` metrics; a model in training gets its mode back."""
-    clean, anomalous, masks = anomaly_set.tensors(detector.image_size)
-    modes = {module: module.training for module in detector.modules()}
-    detector.eval()
-    try:
-        with torch.no_grad():
-            clean_maps, clean_scores = _maps_and_scores(detector, clean, config, device)
-            anomalous_maps, anomalous_scores = _maps_and_scores(detector, anomalous, config, device)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    """The detector's ``val_synthetic_*`` metrics on the set's model inputs (:func:`scoring_inputs`)."""
+    with _eval_mode(detector), torch.no_grad():
+        clean_maps, clean_scores = _maps_and_scores(detector, inputs.clean, config, device)
+        anomalous_maps, anomalous_scores = _maps_and_scores(detector, inputs.anomalous, config, device)
     if not (np.isfinite(clean_maps).all() and np.isfinite(anomalous_maps).all()):
-        raise TrainingError(f"{anomaly_set.folder}: the model's maps of the synthetic-anomaly validation set have "
+        raise TrainingError(f"{inputs.folder}: the model's maps of the synthetic-anomaly validation set have "
                             "NaN/inf values: the training diverged (try a lower learning rate)")
-    return score_maps(clean_scores, anomalous_scores, clean_maps, anomalous_maps, masks.numpy(),
+    return score_maps(clean_scores, anomalous_scores, clean_maps, anomalous_maps, inputs.masks,
                       config.evaluation.pro_fpr_limit)

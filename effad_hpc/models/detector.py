@@ -63,7 +63,12 @@ class AnomalyDetector(nn.Module):
     @torch.no_grad()
     def grid_output(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The model's maps on its grid, before resizing, and its own image scores (or None)."""
-        inputs = self.model_inputs(images)
+        return self.grid_output_from(self.model_inputs(images))
+
+    @torch.no_grad()
+    def grid_output_from(self, inputs: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """:meth:`grid_output` from model inputs made earlier by :meth:`model_inputs` (the
+        backbone is frozen: images scored again and again need its features once)."""
         maps = self.model.maps(inputs)
         return maps, self.model.image_scores(inputs, maps)
 

@@ -25,9 +25,10 @@ import torch
 from effad_hpc.config import ExperimentConfig, write_resolved_config
 from effad_hpc.data import label_free
 from effad_hpc.data.validation_anomalies import AnomalySet, ensure_validation_anomalies
-from effad_hpc.evaluation.synthetic_validation import synthetic_validation_metrics
+from effad_hpc.evaluation.synthetic_validation import ScoringInputs, scoring_inputs, synthetic_validation_metrics
 from effad_hpc.training import recipe, train
 from effad_hpc.training.detector import as_detector, load_detector, model_input
+from effad_hpc.models import AnomalyDetector
 from effad_hpc.training.hooks import Validated, listening
 from effad_hpc.tune.space import apply_params
 from effad_hpc.utils.atomic import atomic_write_json
@@ -97,6 +98,7 @@ class TrialReporter:
         self.round_base = 0
         self.category: str | None = None
         self.anomalies: AnomalySet | None = None
+        self.inputs: ScoringInputs | None = None  # the set through the backbone, once per category
         self.rounds_in_category = 0
         self.resumed_round = resumed_round
         self.record_path = config.run.out_dir / TRIAL_RECORD
@@ -114,7 +116,7 @@ class TrialReporter:
 
     def start(self, category: str) -> None:
         self.category, self.rounds_in_category = category, 0
-        self.anomalies = ensure_validation_anomalies(self.config, category)
+        self.anomalies, self.inputs = ensure_validation_anomalies(self.config, category), None
 
     def __call__(self, event: Validated) -> None:
         if event.stage != self.final_stage or event.category != self.category:
@@ -129,7 +131,7 @@ class TrialReporter:
     def finish(self, category: str, last: bool) -> None:
         """Score the category's trained model (the one evaluation would load) and report it."""
         detector = load_detector(self.config, self.setup.model, category, self.device)
-        metrics = synthetic_validation_metrics(detector, self.anomalies, self.config, self.device)
+        metrics = synthetic_validation_metrics(detector, self._inputs(detector), self.config, self.device)
         self.finished.append(metrics)
         # A category finished before a retry reports no pass now: it ends at the round it ended at.
         earlier = [report[ROUND] for report in self.reports if report["categories_done"] == len(self.finished)]
@@ -147,9 +149,14 @@ class TrialReporter:
         was_training = model.training
         try:
             detector = as_detector(self.config, self.setup.model, model, self.extractor)
-            return synthetic_validation_metrics(detector, self.anomalies, self.config, self.device)
+            return synthetic_validation_metrics(detector, self._inputs(detector), self.config, self.device)
         finally:
             model.train(was_training)
+
+    def _inputs(self, detector: AnomalyDetector) -> ScoringInputs:
+        if self.inputs is None:
+            self.inputs = scoring_inputs(detector, self.anomalies, self.config, self.device)
+        return self.inputs
 
     def _report(self, current: dict[str, float | None] | None, round_: int, final: bool) -> None:
         if round_ <= self.resumed_round:
