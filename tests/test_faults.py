@@ -355,20 +355,36 @@ def test_full_disk_in_extraction_training_and_evaluation_then_a_rerun_finishes(t
 def test_ctrl_c_is_one_line_with_status_130_and_the_checkpoint_resumes(tmp_path, own_data):
     path, config = write_config(tmp_path, own_data, "run", {
         "models": ["ast"], "teacher.hidden_channels": 32, "teacher.epochs": 200, "teacher.batch_size": 4})
-    process = subprocess.Popen([sys.executable, "-m", "effad_hpc", "train", "--config", str(path), "--stage",
-                                "teacher", "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    command = [sys.executable, "-m", "effad_hpc", "train", "--config", str(path), "--stage", "teacher", "--quiet"]
     checkpoint = stage_dir(config, "grid", "teacher") / "last.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.is_file():
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines() == ["effad-hpc: interrupted; run the same command again to resume"]
-    state = torch.load(checkpoint, weights_only=True)
-    assert 1 <= state["epoch"] < 200
+
+    def saved_epoch() -> tuple[int, int] | None:
+        if not checkpoint.is_file():
+            return None
+        return checkpoint.stat().st_mtime_ns, torch.load(checkpoint, weights_only=True)["epoch"]
+
+    def first_new_checkpoint_then_ctrl_c() -> tuple[int, int]:
+        """Start the command, Ctrl-C it once it saved a checkpoint of epoch 2 or later; return the
+        epoch of the first checkpoint it saved and of the one it left."""
+        before = saved_epoch()
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline, first_saved = time.monotonic() + 300, None
+        while first_saved is None or saved_epoch()[1] < 2:
+            assert time.monotonic() < deadline and process.poll() is None
+            if (now := saved_epoch()) is not None and (before is None or now[0] != before[0]):
+                first_saved = first_saved or now[1]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 130, stderr
+        assert stderr.strip().splitlines() == ["effad-hpc: interrupted; run the same command again to resume"]
+        return first_saved, saved_epoch()[1]
+
+    _, left = first_new_checkpoint_then_ctrl_c()
+    assert 2 <= left < 200
+    # The rerun continues from that checkpoint: a restart from epoch 0 would save epoch 1 first.
+    resumed_first, _ = first_new_checkpoint_then_ctrl_c()
+    assert left + 1 <= resumed_first <= left + 2  # one more if a save landed between two looks
 
 
 STAGE_KINDS = {

@@ -408,8 +408,8 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
                TimeElapsedColumn()]
     with Progress(*columns, disable=not show_progress) as progress:
         thresholds = fit_thresholds(detector, validation, config, model, category, device, progress)
-        anomaly_set = scoring_inputs(detector, ensure_validation_anomalies(config, category), config, device)
-        synthetic = synthetic_validation_metrics(detector, anomaly_set, config, device)
+        synthetic_inputs = scoring_inputs(detector, ensure_validation_anomalies(config, category), config, device)
+        synthetic = synthetic_validation_metrics(detector, synthetic_inputs, config, device)
         predictions = predict_test(detector, test, config, model, category, device, progress)
         # Labels are read from here on, after the thresholds and every map are fixed.
         curves, pixel_at_threshold = score_pixels(data, test, config, model, predictions, thresholds, progress)

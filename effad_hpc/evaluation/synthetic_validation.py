@@ -58,16 +58,18 @@ def scoring_inputs(detector: AnomalyDetector, anomaly_set: AnomalySet, config: E
     """The set through the detector's frozen extractor, once: a sweep scores every validation
     pass of a trial, and the backbone was most of a pass's time."""
     clean, anomalous, masks = anomaly_set.tensors(detector.image_size)
+    return ScoringInputs(anomaly_set.folder, _model_inputs(detector, clean, config, device),
+                         _model_inputs(detector, anomalous, config, device), masks.numpy())
 
-    def prepared(images: torch.Tensor) -> torch.Tensor:
-        with _eval_mode(detector), torch.no_grad():
-            parts = []
-            for batch in images.split(config.inference.batch_size):
-                with autocast(device, config.run.mixed_precision):
-                    parts.append(detector.model_inputs(batch.to(device)).cpu())
-            return torch.cat(parts)
 
-    return ScoringInputs(anomaly_set.folder, prepared(clean), prepared(anomalous), masks.numpy())
+def _model_inputs(detector: AnomalyDetector, images: torch.Tensor, config: ExperimentConfig,
+                  device: torch.device) -> torch.Tensor:
+    with _eval_mode(detector), torch.no_grad():
+        parts = []
+        for batch in images.split(config.inference.batch_size):
+            with autocast(device, config.run.mixed_precision):
+                parts.append(detector.model_inputs(batch.to(device)).cpu())
+        return torch.cat(parts)
 
 
 @contextmanager

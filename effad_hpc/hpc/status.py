@@ -2,8 +2,7 @@
 
 Works from any process (``effad-hpc status RUN_DIR``): completion comes from the markers, the
 state of the rest from Slurm (the controller's ``squeue`` while it knows a job, the accounting's
-``sacct`` after) or, for local jobs, from submitit's result
-files and the job's process.
+``sacct`` after) or, for local jobs, from submitit's result files and the job's process.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from effad_hpc.config import ExperimentConfig, write_resolved_config
 from effad_hpc.data import label_free
 from effad_hpc.data.validation_anomalies import AnomalySet, ensure_validation_anomalies
 from effad_hpc.evaluation.synthetic_validation import ScoringInputs, scoring_inputs, synthetic_validation_metrics
+from effad_hpc.models import AnomalyDetector
 from effad_hpc.training import recipe, train
 from effad_hpc.training.detector import as_detector, load_detector, model_input
-from effad_hpc.models import AnomalyDetector
 from effad_hpc.training.hooks import Validated, listening
 from effad_hpc.tune.space import apply_params
 from effad_hpc.utils.atomic import atomic_write_json
