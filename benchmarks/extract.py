@@ -51,13 +51,13 @@ def main() -> None:
     config = parse_config(raw, "benchmark")
     data = load_category(config, "washer")  # generates the images once
     samples = [s for split in ("train", "validation", "test") for s in data.samples(split)]
-    device = resolve_device(config.run.device)
+    device = resolve_device(config.run.device, config.run.precision)
 
     # Bare forward: decoded images already in memory, nothing written.
     dataset = ImageDataset(samples, args.image_size)
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     extractor = build_backbone(config.backbone).extractor.to(device)
-    with torch.no_grad(), autocast(device, config.run.mixed_precision):
+    with torch.no_grad(), autocast(device, config.run.precision):
         extractor(images[: args.batch_size].to(device))  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()

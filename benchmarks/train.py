@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from effad_hpc.config import load_config
-from effad_hpc.data import ImageDataset, categories_of, load_category
+from effad_hpc.config import Precision, load_config
+from effad_hpc.data import ImageDataset, categories_of, ensure_dataset, load_category
 from effad_hpc.training import load_detector, predict, train
-from effad_hpc.utils.device import autocast, resolve_device
+from effad_hpc.utils.device import autocast, device_record, resolve_device
 
 
 def _mask(data, sample, size: int) -> np.ndarray:
@@ -35,9 +35,9 @@ def _mask(data, sample, size: int) -> np.ndarray:
     return np.asarray(mask, dtype=bool)
 
 
-def _latency_ms(detector, samples, size: int, device, mixed_precision: bool, repeats: int = 10) -> float:
+def _latency_ms(detector, samples, size: int, device, precision: Precision, repeats: int = 10) -> float:
     image = ImageDataset(samples[:1], size)[0]["image"][None].to(device)
-    with autocast(device, mixed_precision):
+    with autocast(device, precision):
         for _ in range(3):
             detector(image)
         if device.type == "cuda":
@@ -59,8 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="effad-bench-train-"))
     config = load_config(args.config, [*args.overrides, f"run.out_dir={out}"])
-    device = resolve_device(config.run.device)
+    device = resolve_device(config.run.device, config.run.precision)
     models = args.models or list(config.models)
+    ensure_dataset(config)  # a synthetic set is generated on first use, as `effad-hpc run` does
 
     rows = []
     for category in categories_of(config):
@@ -84,11 +85,12 @@ def main() -> None:
                 "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
                 "stages": {r.stage: (r.train_seconds, r.best_epoch, r.final_epoch) for r in records},
                 "train_s": sum(r.train_seconds for r in records), "wall_s": wall,
-                "ms": _latency_ms(detector, samples, size, device, config.run.mixed_precision),
+                "ms": _latency_ms(detector, samples, size, device, config.run.precision),
             })
 
-    print(f"\n{config.name}: {', '.join(categories_of(config))}, device {device}, {torch.get_num_threads()} threads; "
-          f"run folder {out}")
+    compute = device_record(device, config.run.precision)
+    print(f"\n{config.name}: {', '.join(categories_of(config))}, device {device} ({compute['device_name']}, "
+          f"{compute['precision']}), {torch.get_num_threads()} threads; run folder {out}")
     header = (f"{'category':<10}{'model':<17}{'img AUROC':>10}{'px AUROC':>10}  "
               f"{'stage: train s (best/final epoch)':<52}{'ms/img':>8}{f'train vs {models[0]}':>26}")
     print(header)

@@ -366,6 +366,10 @@ class ValidationAnomaliesConfig(Section):
         return self
 
 
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+"""``run.precision`` (see :mod:`effad_hpc.utils.device` for what each means on which GPU)."""
+
+
 class RunConfig(Section):
     out_dir: ConfigPath = Path("runs/default")
     shared_dir: ConfigPath | None = None
@@ -383,8 +387,10 @@ class RunConfig(Section):
     profile: ConfigPath | None = None
     """Cluster profile YAML with the jobs' resources (see ``slurm/profiles/``); default: local."""
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
-    mixed_precision: bool = True
-    """Autocast on GPU; the CPU always computes in float32."""
+    precision: Precision = "auto"
+    """Autocast dtype: ``auto`` is bf16 on GPUs with native bfloat16 (compute capability 8.0+),
+    fp16 with loss scaling below (V100), float32 on the CPU; ``fp32`` turns autocast off. The flow
+    teacher and the anomaly maps (squared differences) are float32 whatever is chosen."""
 
 
 IMAGENET_KEYS = (("distillation", "images"), ("student", "penalty_images"), ("efficientad", "penalty_images"))

@@ -105,7 +105,7 @@ def test_teacher_normalization_and_map_normalization(efficientad_config):
     assert (outputs.transpose(0, 1).flatten(1).std(1, unbiased=False) - 1).abs().max() < 1e-3
 
     validation = DataLoader(ImageDataset(data.samples("validation"), 64), batch_size=2)
-    model.map_quantiles.copy_(map_quantiles(model, validation, torch.device("cpu"), (0.9, 0.995)))
+    model.map_quantiles.copy_(map_quantiles(model, validation, torch.device("cpu"), (0.9, 0.995), "auto"))
     pad = 4
     maps = [model.maps(batch["image"]) for batch in validation]
     for part in ("st", "ae"):

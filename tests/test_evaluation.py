@@ -242,6 +242,11 @@ def test_metrics_json_and_maps_agree_with_the_official_computation(evaluated_ad)
         labels.append(int(defect != "good"))
     metrics = result["metrics"]
     assert metrics["au_pro"] == pytest.approx(exact_au_pro(maps, masks, 0.3), abs=1e-3)
+    # What the timings were measured on, so that CPU and GPU rows are never compared unknowingly.
+    assert result["compute"] | {"device_name": "?"} == {
+        "device_name": "?", "compute_capability": None, "precision": "float32", "torch": torch.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    assert result["compute"]["device_name"]
     assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, [m.max() for m in maps]), abs=1e-9)
     pixels = np.concatenate([m.ravel() for m in maps])
     assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(np.concatenate([m.ravel() for m in masks]), pixels),

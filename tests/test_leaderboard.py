@@ -25,14 +25,18 @@ PAPER_LENGTHS = {"teacher": {"trained": 240, "paper": 240, "unit": "epochs"},
 SHORT_STUDENT = PAPER_LENGTHS | {"student_ae": {"trained": 20, "paper": 100, "unit": "epochs"}}
 
 
+CPU = {"device_name": "Xeon", "precision": "float32"}
+V100 = {"device_name": "Tesla V100-SXM2-16GB", "precision": "float16"}
+
+
 def _metrics(run: Path, model: str, category: str, created: str, validation: float, budget=PAPER_LENGTHS,
-             **metrics) -> Path:
+             compute=CPU, **metrics) -> Path:
     path = run / model / "results" / category / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "schema_version": 1, "key": "k", "model": model, "category": category, "dataset": "mvtec_ad",
         "layout": "mvtec_ad", "run_name": run.name, "config_hash": f"h-{run.name}", "code_version": "0.1.0",
-        "created_at": created, "metrics": metrics, "budget": budget,
+        "created_at": created, "metrics": metrics, "budget": budget, "compute": compute,
         "training": {"teacher": {"best_validation": 0.1}, "student_ae": {"best_validation": validation}},
     }))
     return path
@@ -42,18 +46,18 @@ def _metrics(run: Path, model: str, category: str, created: str, validation: flo
 def two_runs(tmp_path):
     first, second = tmp_path / "run1", tmp_path / "run2"
     _metrics(first, "efficientad_ast", "bottle", "2026-01-01T00:00:00+00:00", 0.5,
-             image_auroc=0.9, pixel_auroc=0.8, train_seconds_total=10.0)
+             image_auroc=0.9, pixel_auroc=0.8, train_seconds_total=10.0, latency_ms=20.0)
     _metrics(first, "efficientad_ast", "carpet", "2026-01-01T00:00:00+00:00", 0.5,
-             image_auroc=1.0, pixel_auroc=0.7, train_seconds_total=20.0)
-    _metrics(second, "efficientad_ast", "bottle", "2026-02-01T00:00:00+00:00", 0.9, SHORT_STUDENT,
-             image_auroc=0.95, pixel_auroc=0.85, train_seconds_total=30.0)
+             image_auroc=1.0, pixel_auroc=0.7, train_seconds_total=20.0, latency_ms=20.0)
+    _metrics(second, "efficientad_ast", "bottle", "2026-02-01T00:00:00+00:00", 0.9, SHORT_STUDENT, V100,
+             image_auroc=0.95, pixel_auroc=0.85, train_seconds_total=30.0, latency_ms=2.0)
     return first, second
 
 
 HEADER = ("dataset,model,category,category_type,trial,source,budget,run_id,config_hash,code_version,created_at,"
-          "image_auroc,pixel_auroc,train_seconds_total\n")
+          "image_auroc,device,precision,latency_ms,pixel_auroc,train_seconds_total\n")
 CARPET = ("mvtec_ad,efficientad_ast,carpet,texture,,measured,paper,run1,h-run1,0.1.0,2026-01-01T00:00:00+00:00,"
-          "1,0.7,20\n")
+          "1,Xeon,float32,20,0.7,20\n")
 
 
 def test_latest_rule_gives_the_exact_csvs(two_runs, tmp_path):
@@ -61,12 +65,14 @@ def test_latest_rule_gives_the_exact_csvs(two_runs, tmp_path):
     write_leaderboard(board, tmp_path / "out")
     assert (tmp_path / "out" / "leaderboard.csv").read_text() == HEADER + (
         "mvtec_ad,efficientad_ast,bottle,object,,measured,reduced: student_ae 20/100 epochs,run2,h-run2,0.1.0,"
-        "2026-02-01T00:00:00+00:00,0.95,0.85,30\n"
+        "2026-02-01T00:00:00+00:00,0.95,Tesla V100-SXM2-16GB,float16,2,0.85,30\n"
     ) + CARPET
+    # The mean latency mixes a GPU and a CPU result: the summary names both devices beside it.
     assert (tmp_path / "out" / "leaderboard_summary.csv").read_text() == (
-        "dataset,model,source,budget,categories,image_auroc,pixel_auroc,texture_image_auroc,texture_pixel_auroc,"
-        "object_image_auroc,object_pixel_auroc,train_seconds_total\n"
-        "mvtec_ad,efficientad_ast,measured,mixed,2,0.975,0.775,1,0.7,0.95,0.85,50\n")
+        "dataset,model,source,budget,categories,image_auroc,pixel_auroc,device,precision,latency_ms,"
+        "texture_image_auroc,texture_pixel_auroc,object_image_auroc,object_pixel_auroc,train_seconds_total\n"
+        "mvtec_ad,efficientad_ast,measured,mixed,2,0.975,0.775,Tesla V100-SXM2-16GB; Xeon,float16; float32,11,"
+        "1,0.7,0.95,0.85,50\n")
     assert len(board.merged) == 1 and "mvtec_ad/efficientad_ast/bottle: 2 results" in board.merged[0]
     assert "rule: latest" in board.merged[0]
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()

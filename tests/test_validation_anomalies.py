@@ -86,7 +86,7 @@ def test_scores_from_features_made_once_equal_the_detectors_own_maps(tmp_path, c
     from effad_hpc.training import recipe
     from effad_hpc.training.detector import as_detector, model_input
 
-    config = tiny_config(category, tmp_path / "run", {"run.mixed_precision": False})
+    config = tiny_config(category, tmp_path / "run", {"run.precision": "fp32"})
     anomaly_set = ensure_validation_anomalies(config, "fabric")
     built = model_input(config, "efficientad_ast")
     torch.manual_seed(0)

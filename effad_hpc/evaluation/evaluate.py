@@ -18,7 +18,8 @@ Outputs under ``<run.out_dir>/<model>/``:
 ``metrics.json`` (schema version 1): ``schema_version``, ``key`` (hash of the trained model and the
 evaluation settings), ``model``, ``category``, ``dataset`` (``data.name``), ``layout``, ``data_root``,
 ``config_hash``, ``trial`` (``<sweep>/<trial id>`` of a sweep trial, else empty), ``code_version``, ``created_at``,
-``device``; ``counts`` (test, good, defective,
+``device``; ``compute`` (``device_name``, ``compute_capability``, ``precision``, ``torch``, ``cuda``,
+``cudnn``: what the timings and maps were computed on); ``counts`` (test, good, defective,
 per defect type, validation); ``thresholds`` (``image``, ``pixel`` and how they were chosen);
 ``metrics``: a flat mapping name -> number or null (null: not defined for this data), with
 ``image_auroc``, ``pixel_auroc``, ``au_pro`` (MVTec AD), ``image_{f1,precision,recall}``,
@@ -76,7 +77,7 @@ from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import STAGES, load_detector, read_log, read_record, recipe, stage_folder, stage_key
 from effad_hpc.training.artifacts import BEST_MODEL
 from effad_hpc.utils.atomic import atomic_write_json, exclusive_lock, remove_stale_temps
-from effad_hpc.utils.device import autocast, resolve_device
+from effad_hpc.utils.device import autocast, device_record, resolve_device
 from effad_hpc.utils.provenance import code_version
 
 SCHEMA_VERSION = 1
@@ -153,7 +154,7 @@ def _full_size_maps(detector: AnomalyDetector, samples: Sequence[Sample], config
                         num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
     task = progress.add_task(description, total=len(samples))
     for batch in loader:
-        with autocast(device, config.run.mixed_precision):
+        with autocast(device, config.run.precision):
             grid, model_scores = detector.grid_output(batch["image"].to(device, non_blocking=True))
         for row, index in enumerate(batch["index"].tolist()):
             width, height = image_size(samples[index].path)
@@ -246,7 +247,7 @@ def time_inference(detector: AnomalyDetector, samples: Sequence[Sample], config:
     repeats = config.evaluation.latency_repeats
 
     def timed(batch: torch.Tensor) -> float:
-        with autocast(device, config.run.mixed_precision):
+        with autocast(device, config.run.precision):
             for _ in range(3):
                 detector(batch)
             if device.type == "cuda":
@@ -401,7 +402,7 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
                 for sample in check_ground_truth(data)]
     for warning in warnings:
         print(f"effad-hpc: warning: {warning}", file=sys.stderr)
-    device = resolve_device(config.run.device)
+    device = resolve_device(config.run.device, config.run.precision)
     detector = load_detector(config, model, category, device)
 
     columns = [TextColumn(f"{category} {model} " + "{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -434,7 +435,7 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
         "dataset": dataset_name(config), "layout": data.layout, "data_root": str(config.data.root),
         "config_hash": config_hash(config), "run_name": config.name, "trial": config.run.trial or "",
         "code_version": code_version(), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
+        "device": str(device), "compute": device_record(device, config.run.precision),
         "counts": {"test": len(test), "good": sum(s.label == 0 for s in test), "defective": sum(s.label for s in test),
                    "by_defect": dict(sorted(Counter(s.defect_type for s in test).items())),
                    "validation": thresholds.validation_images},

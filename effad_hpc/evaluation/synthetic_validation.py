@@ -67,7 +67,7 @@ def _model_inputs(detector: AnomalyDetector, images: torch.Tensor, config: Exper
     with _eval_mode(detector), torch.no_grad():
         parts = []
         for batch in images.split(config.inference.batch_size):
-            with autocast(device, config.run.mixed_precision):
+            with autocast(device, config.run.precision):
                 parts.append(detector.model_inputs(batch.to(device)).cpu())
         return torch.cat(parts)
 
@@ -89,7 +89,7 @@ def _maps_and_scores(detector: AnomalyDetector, inputs: torch.Tensor, config: Ex
     size = (detector.image_size, detector.image_size)
     maps, scores = [], []
     for batch in inputs.split(config.inference.batch_size):
-        with autocast(device, config.run.mixed_precision):
+        with autocast(device, config.run.precision):
             grid, own = detector.grid_output_from(batch.to(device))
         combined = detector.to_size({"combined": grid["combined"]}, size)["combined"].float()
         scores.append((own if own is not None else image_scores(combined, detector.score)).float().cpu())

@@ -14,7 +14,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader, Subset
 
-from effad_hpc.config import ExperimentConfig, stable_hash, write_resolved_config
+from effad_hpc.config import ExperimentConfig, Precision, stable_hash, write_resolved_config
 from effad_hpc.data import SPLITS, ImageDataset, category_fingerprints, load_category
 from effad_hpc.errors import ConfigError
 from effad_hpc.features.backbones import Backbone, build_backbone, check_input_size
@@ -78,10 +78,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _extract_shard(backbone: Backbone, loader: DataLoader, writer: ShardWriter, infos: list[SampleInfo],
-                   device: torch.device, mixed_precision: bool, progress: Progress, task) -> None:
+                   device: torch.device, precision: Precision, progress: Progress, task) -> None:
     np_dtype = writer.dtype
     for batch in loader:
-        with torch.no_grad(), autocast(device, mixed_precision):
+        with torch.no_grad(), autocast(device, precision):
             features = backbone.extractor(batch["image"].to(device, non_blocking=True))
         arrays = {name: f.float().cpu().numpy().astype(np_dtype) for name, f in features.items()}
         writer.write(arrays, [infos[i] for i in batch["index"].tolist()])
@@ -114,7 +114,7 @@ def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, 
     if todo:
         backbone = build_backbone(config.backbone)
         check_input_size(backbone.layers, config.data.image_size, "data.image_size")
-        device = resolve_device(config.run.device)
+        device = resolve_device(config.run.device, config.run.precision)
         backbone.extractor.to(device)
         size = config.data.image_size
         meta = {"backbone": config.backbone.name, "weights": backbone.weights_source, "image_size": size,
@@ -155,7 +155,7 @@ def _write_shard(config: ExperimentConfig, backbone: Backbone, device: torch.dev
         raise write_failure(folder / f"{shard_stem(split, index, num_shards)}.h5", exc) from None
     task = progress.add_task(description, total=hi - lo)
     try:
-        _extract_shard(backbone, loader, writer, infos, device, config.run.mixed_precision, progress, task)
+        _extract_shard(backbone, loader, writer, infos, device, config.run.precision, progress, task)
         writer.close()
     except BaseException as exc:
         writer.abort()

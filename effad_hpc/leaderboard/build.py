@@ -36,6 +36,9 @@ SUMMARY_METRICS = [
     "auroc_logical_anomalies", "auroc_structural_anomalies", "auroc_loco_mean", "au_spro_0.05_mean",
     "au_spro_0.3_mean", "teacher_auc_mean", "teacher_auc_max", "latency_ms", "throughput_ips",
 ]
+TIMING_CONTEXT = ["device", "precision"]
+"""What latency and throughput were measured on (``compute`` of metrics.json), shown beside them:
+CPU and GPU timings, or fp32 and fp16 ones, are never compared unknowingly."""
 SPLIT_METRICS = ["image_auroc", "pixel_auroc"]
 REQUIRED = ("schema_version", "dataset", "model", "category", "created_at", "metrics")
 VALIDATION_LOSS_STAGES = frozenset({"student", "student_ae", "efficientad_s", "efficientad_m"})
@@ -100,13 +103,16 @@ def _measured_row(path: Path) -> dict | None:
     training = data.get("training") or {}
     final_stage = list(training)[-1] if training else None
     final = training[final_stage] if final_stage else {}
+    compute = data.get("compute") or {}  # absent before provenance was recorded
     row = {
         "dataset": data["dataset"], "model": data["model"], "category": data["category"],
         "category_type": category_type(data.get("layout"), data["category"]), "trial": str(data.get("trial", "")),
         "source": "measured", "budget": budget_label(data.get("budget")),
         "run_id": data.get("run_name") or run_dir.name,
         "config_hash": data.get("config_hash", ""), "code_version": data.get("code_version", ""),
-        "created_at": data["created_at"], "_validation": final.get("best_validation", math.inf),
+        "created_at": data["created_at"],
+        "device": compute.get("device_name") or data.get("device", ""), "precision": compute.get("precision", ""),
+        "_validation": final.get("best_validation", math.inf),
         "_final_stage": final_stage, "_path": str(path),
     }
     row.update({name: value for name, value in data["metrics"].items() if value is not None})
@@ -188,6 +194,8 @@ def _summarize(rows: list[dict], published: dict[tuple[str, str, str], dict]) ->
                  "budget": budgets.pop() if len(budgets) == 1 else "mixed"}
         for metric in SUMMARY_METRICS:
             entry[metric] = _mean([r.get(metric) for r in group])
+        for context in TIMING_CONTEXT:  # more than one: the mean timings mix machines
+            entry[context] = "; ".join(sorted({r[context] for r in group if r.get(context)})) or None
         for kind in ("texture", "object"):
             for metric in SPLIT_METRICS:
                 entry[f"{kind}_{metric}"] = _mean([r.get(metric) for r in group if r["category_type"] == kind])
@@ -248,9 +256,16 @@ def build_leaderboard(run_dirs: Sequence[Path], rule: MergeRule = "latest", comp
 
 
 def _columns(rows: list[dict], leading: list[str]) -> list[str]:
-    rest = sorted({key for row in rows for key in row} - set(leading))
+    rest = sorted({key for row in rows for key in row} - set(leading) - set(TIMING_CONTEXT))
     deltas = [c for c in rest if c.startswith("delta_")]
-    return leading + [c for c in rest if c not in deltas] + deltas
+    return leading + _beside_timings([c for c in rest if c not in deltas]) + deltas
+
+
+def _beside_timings(columns: list[str]) -> list[str]:
+    """``columns`` with :data:`TIMING_CONTEXT` in front of ``latency_ms`` (at the end without it)."""
+    columns = [c for c in columns if c not in TIMING_CONTEXT]
+    at = columns.index("latency_ms") if "latency_ms" in columns else len(columns)
+    return columns[:at] + TIMING_CONTEXT + columns[at:]
 
 
 def _csv(rows: list[dict], columns: list[str]) -> str:
@@ -276,8 +291,8 @@ def _markdown(rows: list[dict], columns: list[str]) -> str:
 
 
 MARKDOWN_ROW_COLUMNS = ["dataset", "model", "category", "source", "budget", "image_auroc", "pixel_auroc", "au_pro",
-                        "auroc_loco_mean", "au_spro_0.05_mean", "image_f1", "pixel_f1", "latency_ms",
-                        "delta_image_auroc", "delta_pixel_auroc"]
+                        "auroc_loco_mean", "au_spro_0.05_mean", "image_f1", "pixel_f1", "device", "precision",
+                        "latency_ms", "delta_image_auroc", "delta_pixel_auroc"]
 
 
 def write_leaderboard(board: Leaderboard, out: Path) -> list[Path]:
@@ -286,7 +301,7 @@ def write_leaderboard(board: Leaderboard, out: Path) -> list[Path]:
 
     out = Path(out)
     row_columns = _columns(board.rows, IDENTITY)
-    ordered = ["dataset", "model", "source", "budget", "categories", *SUMMARY_METRICS,
+    ordered = ["dataset", "model", "source", "budget", "categories", *_beside_timings(SUMMARY_METRICS),
                *[f"{kind}_{metric}" for kind in ("texture", "object") for metric in SPLIT_METRICS],
                "train_seconds_total"]
     summary_columns = [c for c in ordered if any(entry.get(c) is not None for entry in board.summary)]

@@ -55,7 +55,7 @@ def train_teacher(config: ExperimentConfig, category: str, show_progress: bool =
     folder, key = stage_folder(config, category, "teacher"), stage_key(config, "teacher", category)
     if (done := completed_record(folder, key, verify=True)) is not None:
         return done
-    device = resolve_device(config.run.device)
+    device = resolve_device(config.run.device, config.run.precision)
     source = open_source(config, category, config.teacher.feature_source, device)
     torch.manual_seed(config.seed)
     teacher = ASTTeacher(source.channels, source.map_size, **teacher_kwargs(config)).to(device)
@@ -65,7 +65,7 @@ def train_teacher(config: ExperimentConfig, category: str, show_progress: bool =
         return {"nll": nll, "total": nll}
 
     return fit(StageRun("teacher", category, folder, key, config.teacher, teacher, objective, source, config.seed,
-                        config.run.mixed_precision), show_progress)
+                        config.run.precision), show_progress)
 
 
 def _train_student(stage: str, model_name: str, config: ExperimentConfig, category: str,
@@ -80,7 +80,7 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
     # AST trains by its paper (no penalty), EfficientAD-AST by the thesis: each has its own section.
     settings = config.ast_student if model_name == "ast" else config.student
     found = None if model_name == "ast" else penalty_folder(config, "student")
-    device = resolve_device(config.run.device)
+    device = resolve_device(config.run.device, config.run.precision)
     source = open_source(config, category, settings.feature_source, device)
     torch.manual_seed(config.seed)
     model = recipe(model_name).build(config, source.channels, source.map_size, {})
@@ -91,7 +91,7 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
         compute = source.compute if isinstance(source, ComputedFeatures) else BackboneFeatures(config, device)
         penalty = PenaltyImages(*found, config.data.image_size, compute)
     return fit(StageRun(stage, category, folder, key, settings, model, model.losses, source, config.seed,
-                        config.run.mixed_precision, penalty), show_progress)
+                        config.run.precision, penalty), show_progress)
 
 
 def train_student(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:

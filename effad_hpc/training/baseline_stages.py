@@ -64,7 +64,7 @@ def _fit_stage(name: str, inputs_of: Inputs, fit: Fit) -> Callable[..., StageRec
             return done
         settings: BaselineConfig = getattr(config, name)
         inputs = inputs_of(config)
-        device = resolve_device(config.run.device)
+        device = resolve_device(config.run.device, config.run.precision)
         source = open_source(config, category, settings.feature_source, device, inputs.layers, inputs.preparation,
                              inputs.backbone, inputs.image_size)
         if source.size("train") == 0:

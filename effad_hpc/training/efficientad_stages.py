@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from effad_hpc.config import DistillationConfig, ExperimentConfig
+from effad_hpc.config import DistillationConfig, ExperimentConfig, Precision
 from effad_hpc.data import ImageDataset, load_category
 from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError, ConfigError, DataError
@@ -57,7 +57,7 @@ from effad_hpc.training.sources import (
 from effad_hpc.training.loop import seeded_generator
 from effad_hpc.training.steps import StepRun, StepSampler, fit_steps
 from effad_hpc.utils.atomic import input_sha256
-from effad_hpc.utils.device import resolve_device
+from effad_hpc.utils.device import autocast, resolve_device
 
 SIZES: dict[str, PDNSize] = {"s": "small", "m": "medium"}
 TARGET_STATS = "target_stats.pt"
@@ -199,7 +199,7 @@ def _distill(size: PDNSize, stage: str) -> Callable[..., StageRecord]:
         d = _distillation(config)
         if d.teacher_weights is not None:
             return _use_teacher_file(config, size, stage)
-        device = resolve_device(config.run.device)
+        device = resolve_device(config.run.device, config.run.precision)
         dataset = ImageDataset(image_samples(image_folder(d.images, "distillation.images", d.pattern), "distill"),
                                d.backbone_image_size)
         backbone = config.backbone_or_main(d.backbone)
@@ -220,7 +220,7 @@ def _distill(size: PDNSize, stage: str) -> Callable[..., StageRecord]:
 
         return fit_steps(StepRun(stage, SHARED, folder, key, teacher, list(teacher.parameters()), losses, d.steps,
                                  d.lr, d.weight_decay, None, d.checkpoint_every, config.seed, device,
-                                 config.run.mixed_precision), show_progress)
+                                 config.run.precision), show_progress)
 
     return run
 
@@ -271,11 +271,13 @@ def teacher_statistics(model: EfficientAD, loader: DataLoader,
 
 @torch.no_grad()
 def map_quantiles(model: EfficientAD, loader: DataLoader, device: torch.device,
-                  quantiles: tuple[float, float]) -> torch.Tensor:
-    """[[q_a, q_b] of the ST map, [q_a, q_b] of the AE map] over the validation images."""
+                  quantiles: tuple[float, float], precision: Precision) -> torch.Tensor:
+    """[[q_a, q_b] of the ST map, [q_a, q_b] of the AE map] over the validation images, computed
+    in the precision inference uses: the constants map exactly the maps they will normalise."""
     st_maps, ae_maps = [], []
     for batch in loader:
-        st, ae = model.raw_maps(batch["image"].to(device))
+        with autocast(device, precision):
+            st, ae = model.raw_maps(batch["image"].to(device))
         st_maps.append(st.flatten().cpu())
         ae_maps.append(ae.flatten().cpu())
     st, ae = torch.cat(st_maps), torch.cat(ae_maps)
@@ -292,7 +294,7 @@ def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., Sta
             raise CheckpointError(f"{teacher_folder}: no teacher for this config; run "
                                   f"`effad-hpc train --model {model_name} --stage {teacher_stage}` first")
         e = config.efficientad
-        device = resolve_device(config.run.device)
+        device = resolve_device(config.run.device, config.run.precision)
         data = load_category(config, category)
         splits = {split: ImageDataset(data.samples(split), e.image_size) for split in ("train", "validation")}
         for split, dataset in splits.items():
@@ -328,12 +330,13 @@ def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., Sta
             model.teacher_std.copy_(std)
 
         def finish() -> None:
-            model.map_quantiles.copy_(map_quantiles(model, loaders["validation"], device, e.map_quantiles))
+            model.map_quantiles.copy_(map_quantiles(model, loaders["validation"], device, e.map_quantiles,
+                                                      config.run.precision))
 
         parameters = [*model.student.parameters(), *model.autoencoder.parameters()]
         return fit_steps(StepRun(model_name, category, folder, key, model, parameters, losses, e.steps, e.lr,
                                  e.weight_decay, e.lr_drop_at, e.checkpoint_every, config.seed, device,
-                                 config.run.mixed_precision, validate, prepare, finish), show_progress)
+                                 config.run.precision, validate, prepare, finish), show_progress)
 
     return run
 

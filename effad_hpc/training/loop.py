@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from torch import nn
 
-from effad_hpc.config import TrainedStage, stable_hash
+from effad_hpc.config import Precision, TrainedStage, stable_hash
 from effad_hpc.errors import DataError, TrainingError
 from effad_hpc.training.artifacts import (
     BEST_MODEL,
@@ -60,7 +60,7 @@ class StageRun:
     objective: Objective
     source: FeatureSource
     seed: int
-    mixed_precision: bool = True
+    precision: Precision = "auto"
     penalty: PenaltyImages | None = None
 
 
@@ -118,7 +118,7 @@ def _validate(run: StageRun) -> float:
     order = range(run.source.size("validation"))
     with torch.no_grad():
         for features in run.source.batches("validation", order, run.settings.batch_size):
-            with autocast(features.device, run.mixed_precision):
+            with autocast(features.device, run.precision):
                 loss = run.objective(features, None)["total"]
             total += loss.item() * len(features)
             count += len(features)
@@ -136,7 +136,7 @@ def _train_epoch(run: StageRun, epoch: int, optimizer, scaler, progress: Progres
     sums: dict[str, float] = {}
     for features in run.source.batches("train", order, run.settings.batch_size):
         penalty = run.penalty.batch(penalty_generator, len(features)) if run.penalty else None
-        with autocast(features.device, run.mixed_precision):
+        with autocast(features.device, run.precision):
             losses = run.objective(features, penalty)
         if not torch.isfinite(losses["total"]):
             raise TrainingError(f"{run.stage} ({run.category}): loss is {float(losses['total'])} in epoch {epoch}; "
@@ -162,7 +162,7 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, eps=settings.adam_eps, weight_decay=settings.weight_decay)
     milestones = [] if settings.lr_drop_at is None else [max(1, round(settings.lr_drop_at * settings.epochs))]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    scaler = grad_scaler(device, run.mixed_precision)
+    scaler = grad_scaler(device, run.precision)
     patience = patience_epochs(settings)
 
     epoch, best_value, best_epoch, history, elapsed, resumed = 0, math.inf, 0, [], 0.0, []

@@ -90,10 +90,10 @@ class BackboneFeatures:
         self.backbone = backbone or build_backbone(config.backbone)
         self.backbone.extractor.to(device)
         self.layers, self.preparation = list(layers or config.backbone.layers), preparation
-        self.device, self.mixed_precision = device, config.run.mixed_precision
+        self.device, self.precision = device, config.run.precision
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), autocast(self.device, self.mixed_precision):
+        with torch.no_grad(), autocast(self.device, self.precision):
             features = self.backbone.extractor(images.to(self.device, non_blocking=True))
         return PREPARATIONS[self.preparation]({name: f.float() for name, f in features.items()}, self.layers)
 

@@ -30,6 +30,7 @@ from rich.progress import (
 )
 from torch import nn
 
+from effad_hpc.config import Precision
 from effad_hpc.errors import TrainingError
 from effad_hpc.training.artifacts import (
     BEST_MODEL,
@@ -87,7 +88,7 @@ class StepRun:
     checkpoint_every: int
     seed: int
     device: torch.device
-    mixed_precision: bool = True
+    precision: Precision = "auto"
     validate: Callable[[], float] | None = None
     prepare: Callable[[], None] | None = None
     """Runs before the first step of a fresh (not resumed) run, e.g. statistics the model needs."""
@@ -99,7 +100,7 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
     optimizer = torch.optim.Adam(run.parameters, lr=run.lr, weight_decay=run.weight_decay)
     milestones = [] if run.lr_drop_at is None else [max(1, round(run.lr_drop_at * run.steps))]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    scaler = grad_scaler(run.device, run.mixed_precision)
+    scaler = grad_scaler(run.device, run.precision)
     step, history, elapsed, resumed = 0, [], 0.0, []
     last = run.folder / LAST_CHECKPOINT
     state = resume_training_state(last, run.key, run.model, optimizer, scheduler, scaler, run.device)
@@ -116,7 +117,7 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
         task = progress.add_task(f"{run.category} {run.stage} steps", total=run.steps, completed=step)
         while step < run.steps:
             run.model.train()
-            with autocast(run.device, run.mixed_precision):
+            with autocast(run.device, run.precision):
                 losses = run.losses(step, seeded_generator(run.seed, run.stage, "step", step))
             if not torch.isfinite(losses["total"]):
                 raise TrainingError(f"{run.stage} ({run.category}): loss is {float(losses['total'])} at step "

@@ -210,7 +210,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         return
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
-    reporter = TrialReporter(setup, config, resolve_device(config.run.device), resumed_round())
+    reporter = TrialReporter(setup, config, resolve_device(config.run.device, config.run.precision), resumed_round())
     with label_free(), listening(reporter):
         for index, category in enumerate(setup.categories):
             reporter.start(category)
