@@ -33,10 +33,13 @@ class ChainJob(Checkpointable):
 
     A node that fails blocks only the nodes that depend on it (``upstream``: each node's direct
     dependencies); the others still run, and the job fails at the end if any node did. Complete
-    nodes are skipped, so a requeue continues where the job was."""
+    nodes are skipped, so a requeue continues where the job was. ``gpu``: the one GPU this chain
+    sees (submitit's local executor hides every GPU from a job that asks for none)."""
 
     def __call__(self, raw_config: dict, nodes: list[Node], threads: int | None = None,
-                 upstream: dict[Node, tuple[Node, ...]] | None = None) -> list[str]:
+                 upstream: dict[Node, tuple[Node, ...]] | None = None, gpu: str | None = None) -> list[str]:
+        if gpu is not None:  # before anything initialises CUDA, which reads it once
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         if threads:
             torch.set_num_threads(threads)
         config = parse_config(raw_config, "config of a chain job")

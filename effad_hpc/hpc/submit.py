@@ -7,9 +7,10 @@ one array over every (category, shard); the first stages after it wait for all o
 (``afterany``) and a category whose store is incomplete then fails alone. A stage shared by every
 category (teacher distillation) is one job that the arrays reading it wait for (``afterok``). A
 task whose stage is already complete for its category returns at once.
-Local and debug: categories are dealt round-robin to as many chain jobs as the machine has
-cores for (``cpus // cpus_per_task``), each running its incomplete nodes in order; a shared
-node heads every chain, and the first to reach it trains it while the others wait on its lock.
+Local and debug: categories are dealt round-robin to chain jobs, each running its incomplete
+nodes in order; a shared node heads every chain, and the first to reach it trains it while the
+others wait on its lock. Local runs one chain per GPU where there are GPUs, each seeing only its
+own (``CUDA_VISIBLE_DEVICES``), else as many as the machine has cores for (``cpus // cpus_per_task``).
 
 Every submission is appended to ``<run.out_dir>/jobs.json`` (job ids, nodes, log folders), which
 ``effad-hpc status`` reads, also from another process.
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 import submitit
+import torch
 
 from effad_hpc.config import ExperimentConfig, config_hash, write_resolved_config
 from effad_hpc.data.fingerprint import reused_fingerprints
@@ -142,16 +144,39 @@ def submit_run(config: ExperimentConfig, categories: list[str], models: list[str
         _submit_slurm(config, raw, pending, profile, logs, submission)
     elif pending:
         cpus = profile.for_stage("chain").cpus_per_task
-        cores = len(os.sched_getaffinity(0))
-        workers = len(pending) if executor == "debug" else max(1, min(len(pending), cores // cpus))
-        for worker in range(workers):
+        gpus = local_chain_gpus(executor, len(pending), len(os.sched_getaffinity(0)) // cpus, visible_gpus())
+        workers = len(gpus)
+        for worker, gpu in enumerate(gpus):
             nodes = list(dict.fromkeys(node for entry in pending[worker::workers] for node in entry.todo))
             upstream = {node: ups for entry in pending for node, ups in entry.graph.items() if node in nodes}
-            job = executor_for(executor, logs, profile, "chain", []).submit(ChainJob(), raw, nodes, cpus, upstream)
+            job = executor_for(executor, logs, profile, "chain", []).submit(ChainJob(), raw, nodes, cpus, upstream,
+                                                                            gpu)
             submission.handles.append(job)
             submission.jobs.append(SubmittedJob(str(job.job_id), [node_id(n) for n in nodes], str(logs)))
     record_submission(out, submission)
     return submission
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (indices or UUIDs)."""
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(index) for index in range(count)]
+    return [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
+
+
+def local_chain_gpus(executor: Executor, chains: int, core_slots: int, gpus: list[str]) -> list[str | None]:
+    """One entry per chain job of a local or debug run: the GPU it sees, or None (the CPU).
+
+    With GPUs, one chain per GPU: two stage processes on one GPU contend for its memory, and one
+    process per GPU is what the Slurm profile asks for too. Without, as many chains as there are
+    ``cpus_per_task`` slots of cores. Debug runs every chain in this process, on its own devices."""
+    if executor == "debug":
+        return [None] * chains
+    if gpus:
+        return list(gpus[:chains])
+    return [None] * max(1, min(chains, core_slots))
 
 
 def _submit_slurm(config: ExperimentConfig, raw: dict, pending: list[Pending], profile: ClusterProfile, logs: Path,
