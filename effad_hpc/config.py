@@ -555,11 +555,17 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     set_key(raw, key, parsed, f"override {override!r}")
 
 
+RENAMED = {"run.mixed_precision": "it became run.precision (auto, fp32, fp16 or bf16; mixed_precision: false is fp32)"}
+"""Keys that older configs have, with what replaced them."""
+
+
 def format_errors(source: str, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and key in RENAMED:
+            message = f"unknown key; {RENAMED[key]}"
+        elif item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"

@@ -102,3 +102,8 @@ def test_the_dgx_profile_fits_a_dgx1_node():
     assert profile.array_parallelism == 8
     sweep = profile.for_stage("sweep")
     assert (sweep.gres, sweep.cpus_per_task) == ("gpu:8", 40) and sweep.mem_gb <= 512
+
+
+def test_the_old_mixed_precision_key_names_its_replacement():
+    with pytest.raises(ConfigError, match="run.mixed_precision: unknown key; it became run.precision"):
+        load_config(REPO / "configs" / "demo.yaml", ["run.mixed_precision=false"])
