@@ -149,6 +149,11 @@ class TeacherConfig(TrainedStage):
     kernel_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [3, 3, 3, 5]
     clamp: PositiveFloat = 3.0
     pos_enc_channels: Annotated[int, Field(gt=0, multiple_of=4)] = 32
+    feature_grid: Literal["coarsest", "finest"] = "coarsest"
+    """How several ``backbone.layers`` make the input of the flow and of its students (AST and
+    EfficientAD-AST): concatenated on the coarsest grid, finer layers average-pooled (the thesis,
+    with one layer), or on the finest, coarser layers upsampled bilinearly (stride 8 with 16: four
+    times the positions, so finer maps for four times the cost)."""
     epochs: PositiveInt = 240
 
     @model_validator(mode="after")
@@ -184,7 +189,20 @@ class ASTStudentConfig(TrainedStage):
     """1.0 uses every element (AST and the thesis); 0.999 is EfficientAD's hard feature loss."""
 
 
-class StudentConfig(PenaltySettings, ASTStudentConfig):
+class MapQuantiles(Section):
+    """EfficientAD's map normalisation: per map, the validation quantiles (q_a, q_b) go to 0 and 0.1."""
+
+    map_quantiles: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = [0.9, 0.995]
+    """Validation quantiles (q_a, q_b) of each map that are mapped to 0 and 0.1."""
+
+    @model_validator(mode="after")
+    def _ordered_quantiles(self) -> MapQuantiles:
+        if not self.map_quantiles[0] < self.map_quantiles[1]:
+            raise ValueError(f"map_quantiles {self.map_quantiles}: the first must be below the second")
+        return self
+
+
+class StudentConfig(PenaltySettings, MapQuantiles, ASTStudentConfig):
     """The EfficientAD-AST student + feature autoencoder (SPEC section 3): at most 100 epochs with
     early stopping, and the penalty."""
 
@@ -195,9 +213,13 @@ class StudentConfig(PenaltySettings, ASTStudentConfig):
     ae_upsampling_stages: NonNegativeInt = 2
     """Nearest x2 upsampling steps in the autoencoder's decoder before pooling back to the grid."""
     ae_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    map_normalization: Literal["none", "quantile"] = "none"
+    """How the ST and AE maps are combined: ``none`` averages them as they are (the thesis);
+    ``quantile`` first maps each with its validation quantiles (``map_quantiles``, EfficientAD's
+    rule), so that neither map's scale dominates the average."""
 
 
-class EfficientADConfig(PenaltySettings):
+class EfficientADConfig(PenaltySettings, MapQuantiles):
     """EfficientAD-S/M training on images (SPEC section 1); the teacher comes from ``distillation``."""
 
     image_size: Annotated[int, Field(ge=64, multiple_of=32)] = 256
@@ -213,16 +235,8 @@ class EfficientADConfig(PenaltySettings):
     augmentation: Annotated[float, Field(ge=0, lt=1)] = 0.2
     """Strength of the brightness / contrast / saturation jitter (one, at random) of the AE input."""
     ae_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
-    map_quantiles: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = [0.9, 0.995]
-    """Validation quantiles (q_a, q_b) of each map that are mapped to 0 and 0.1."""
     checkpoint_every: PositiveInt = 1_000
     """Steps between resumable checkpoints (and log rows with the validation loss)."""
-
-    @model_validator(mode="after")
-    def _ordered_quantiles(self) -> EfficientADConfig:
-        if not self.map_quantiles[0] < self.map_quantiles[1]:
-            raise ValueError(f"map_quantiles {self.map_quantiles}: the first must be below the second")
-        return self
 
 
 DISTILLATION_BACKBONE = BackboneConfig(name="wide_resnet101_2.tv_in1k", layers=["layer2", "layer3"])
@@ -333,7 +347,12 @@ class EvaluationConfig(Section):
     image_threshold_quantile: Annotated[float, Field(gt=0, le=1)] = 0.99
     """Image threshold = this quantile of the validation images' scores (good images only)."""
     pixel_threshold_quantile: Annotated[float, Field(gt=0, le=1)] = 0.999
-    """Pixel threshold = this quantile of the validation maps' pixel scores."""
+    """Pixel threshold = this quantile of the validation maps' pixel scores (``pixel_threshold: quantile``)."""
+    pixel_threshold: Literal["quantile", "synthetic_f1"] = "quantile"
+    """How the pixel threshold (masks, pixel F1) is chosen without test labels: ``quantile`` of the
+    good validation pixels (``pixel_threshold_quantile``); ``synthetic_f1``: the best F1 on the
+    synthetic-anomaly validation set, made from the good validation images (a model whose good
+    images have a long tail of high pixels gets no threshold above every defect)."""
     bins: Annotated[int, Field(ge=100)] = 10_000
     """Score thresholds of the streaming pixel metrics (memory O(bins), not O(pixels))."""
     pro_fpr_limit: Annotated[float, Field(gt=0, le=1)] = 0.3
@@ -391,6 +410,10 @@ class RunConfig(Section):
     """Autocast dtype: ``auto`` is bf16 on GPUs with native bfloat16 (compute capability 8.0+),
     fp16 with loss scaling below (V100), float32 on the CPU; ``fp32`` turns autocast off. The flow
     teacher and the anomaly maps (squared differences) are float32 whatever is chosen."""
+
+
+PAPER_METHOD = "paper"
+"""A model's ``variant`` when the config trains its paper's method (the thesis's for EfficientAD-AST)."""
 
 
 IMAGENET_KEYS = (("distillation", "images"), ("student", "penalty_images"), ("efficientad", "penalty_images"))

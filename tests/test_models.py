@@ -117,3 +117,19 @@ def test_registry_builds_by_name_and_names_unknown_models():
                                   "spade"}
     with pytest.raises(ConfigError, match="'patchcorex' is not known"):
         build_model("patchcorex")
+
+
+def test_the_hybrid_averages_raw_maps_by_default_and_normalised_maps_on_request():
+    torch.manual_seed(0)
+    kwargs = {"feature_channels": 6, "map_size": 4, "teacher": TEACHER, "hidden_channels": 8, "residual_blocks": 1}
+    raw = build_model("efficientad_ast", **kwargs).eval()
+    assert "map_quantiles" not in raw.state_dict()  # the thesis's model and its saved files are unchanged
+    normalised = build_model("efficientad_ast", **kwargs, map_normalization=True).eval()
+    normalised.load_state_dict(raw.state_dict(), strict=False)
+    normalised.map_quantiles.copy_(torch.tensor([[0.5, 1.5], [0.2, 0.4]]))
+    features = torch.randn(2, 6, 4, 4)
+    with torch.no_grad():
+        st, ae = raw.raw_maps(features)
+        assert torch.allclose(raw.maps(features)["combined"], 0.5 * st + 0.5 * ae)
+        expected = 0.5 * 0.1 * (st - 0.5) / 1.0 + 0.5 * 0.1 * (ae - 0.2) / 0.2
+        assert torch.allclose(normalised.maps(features)["combined"], expected, atol=1e-6)

@@ -201,3 +201,22 @@ def test_trained_model_separates_defective_from_good_images(make_config, synthet
     labels = [sample.label for sample in samples]
     assert 0 < sum(labels) < len(labels)
     assert roc_auc_score(labels, [scores[i] for i in range(len(samples))]) >= 0.9
+
+
+def test_finest_grid_and_map_normalisation_train_and_load(make_config):
+    """teacher.feature_grid: finest gives the stride-8 grid of two layers (4x the positions), and
+    student.map_normalization: quantile stores the validation quantiles of the final model's maps."""
+    _, config = make_config(SMALL_NETS | {"models": ["efficientad_ast"], "data.categories": ["fabric"],
+                                          "teacher.feature_grid": "finest", "student.map_normalization": "quantile"})
+    train(config, "efficientad_ast", "fabric", show_progress=False)
+    detector = load_detector(config, "efficientad_ast", "fabric", torch.device("cpu"))
+    images = torch.rand(2, 3, 64, 64)
+    grid = detector.grid_maps(images)
+    assert grid["combined"].shape[-2:] == (8, 8)  # blocks.2 at stride 8 of 64 px (blocks.4 alone: 4 x 4)
+    quantiles = detector.model.map_quantiles
+    assert torch.all(quantiles[:, 0] < quantiles[:, 1]) and not torch.equal(quantiles, torch.tensor([[0, 0.1]] * 2))
+    source = StoredFeatures(config, "fabric", torch.device("cpu"), preparation="finest")
+    features = next(source.batches("validation", range(source.size("validation")), 64))
+    st, ae = detector.model.raw_maps(features)
+    assert quantiles[0, 1] == pytest.approx(torch.quantile(st.flatten(), 0.995).item(), rel=1e-5)
+    assert quantiles[1, 0] == pytest.approx(torch.quantile(ae.flatten(), 0.9).item(), rel=1e-5)

@@ -20,6 +20,7 @@ from torch import nn
 from effad_hpc.models.autoencoder import FeatureAutoencoder
 from effad_hpc.models.flow import FlowTeacher, negative_log_likelihood
 from effad_hpc.models.losses import hard_mse
+from effad_hpc.models.map_normalization import UNCALIBRATED, normalize_map
 from effad_hpc.models.positional import positional_encoding_2d
 from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.registry import register_model
@@ -112,8 +113,13 @@ class AST(_StudentTeacher):
 class EfficientADAST(_StudentTeacher):
     def __init__(self, feature_channels: int, map_size: int, teacher: dict, hidden_channels: int = 1024,
                  residual_blocks: int = 4, loss_percentile: float = 1.0, ae_channels: int = 64,
-                 ae_upsampling_stages: int = 2, ae_dropout: float = 0.2):
+                 ae_upsampling_stages: int = 2, ae_dropout: float = 0.2, map_normalization: bool = False):
         super().__init__(feature_channels, map_size, teacher, loss_percentile)
+        # The thesis averages the raw ST and AE maps; with map_normalization each is first mapped
+        # with its validation quantiles (EfficientAD's rule, set by the training layer).
+        self.map_normalization = map_normalization
+        if map_normalization:
+            self.register_buffer("map_quantiles", torch.tensor(UNCALIBRATED))
         in_channels = feature_channels + self.teacher.positions.shape[0]
         # Two heads in one network: [:C] regresses the teacher, [C:] the autoencoder.
         self.student = ResidualStudent(in_channels, 2 * feature_channels, hidden_channels, residual_blocks)
@@ -142,8 +148,17 @@ class EfficientADAST(_StudentTeacher):
         parts["total"] = sum(parts.values())
         return parts
 
-    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _raw_maps(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z, student_st, student_ae, reconstruction = self._outputs(features)
-        st = (z - student_st).pow(2).mean(dim=1)
-        ae = (reconstruction - student_ae).pow(2).mean(dim=1)
+        return z, (z - student_st).pow(2).mean(dim=1), (reconstruction - student_ae).pow(2).mean(dim=1)
+
+    def raw_maps(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ST and AE maps (B, h, w) before any normalisation."""
+        return self._raw_maps(features)[1:]
+
+    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        z, st, ae = self._raw_maps(features)
+        if self.map_normalization:
+            (st_a, st_b), (ae_a, ae_b) = self.map_quantiles
+            st, ae = normalize_map(st, st_a, st_b), normalize_map(ae, ae_a, ae_b)
         return {"combined": 0.5 * st + 0.5 * ae, "st": st, "ae": ae, "teacher": self.teacher.nll_map(z)}

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from effad_hpc.models.autoencoder import ImageAutoencoder
 from effad_hpc.models.losses import hard_mse
+from effad_hpc.models.map_normalization import UNCALIBRATED, normalize_map
 from effad_hpc.models.pdn import FEATURE_CHANNELS, PDN, PDNSize, pdn_output_size
 from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.registry import register_model
@@ -47,7 +48,7 @@ class EfficientAD(AnomalyModel):
         self.register_buffer("teacher_mean", torch.zeros(1, FEATURE_CHANNELS, 1, 1))
         self.register_buffer("teacher_std", torch.ones(1, FEATURE_CHANNELS, 1, 1))
         # (q_a, q_b) for the ST and the AE map; (0, 0.1) leaves the maps as they are until calibrated.
-        self.register_buffer("map_quantiles", torch.tensor([[0.0, 0.1], [0.0, 0.1]]))
+        self.register_buffer("map_quantiles", torch.tensor(UNCALIBRATED))
 
     def train(self, mode: bool = True) -> EfficientAD:
         super().train(mode)
@@ -93,8 +94,7 @@ class EfficientAD(AnomalyModel):
         resizing to the image aligns them as in the paper."""
         st, ae = self.raw_maps(images)
         (st_a, st_b), (ae_a, ae_b) = self.map_quantiles
-        st = 0.1 * (st - st_a) / (st_b - st_a)
-        ae = 0.1 * (ae - ae_a) / (ae_b - ae_a)
+        st, ae = normalize_map(st, st_a, st_b), normalize_map(ae, ae_a, ae_b)
         maps = {"combined": 0.5 * st + 0.5 * ae, "st": st, "ae": ae}
         return {name: F.pad(m, (MAP_PADDING,) * 4) for name, m in maps.items()}
 

@@ -3,14 +3,15 @@ EfficientAD-AST student + autoencoder, which read the teacher's best model."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-from effad_hpc.config import ASTStudentConfig, ExperimentConfig
+from effad_hpc.config import PAPER_METHOD, ASTStudentConfig, ExperimentConfig
 from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError
-from effad_hpc.models import ASTTeacher, build_model
+from effad_hpc.models import ASTTeacher, EfficientADAST, build_model
+from effad_hpc.models.map_normalization import quantiles_of_maps
 from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, load_state
 from effad_hpc.training.loop import StageRun, fit
 from effad_hpc.training.registry import (
@@ -24,8 +25,15 @@ from effad_hpc.training.registry import (
     stage_folder,
     stage_key,
 )
-from effad_hpc.training.sources import BackboneFeatures, ComputedFeatures, PenaltyImages, open_source, penalty_folder
-from effad_hpc.utils.device import resolve_device
+from effad_hpc.training.sources import (
+    BackboneFeatures,
+    ComputedFeatures,
+    FeatureSource,
+    PenaltyImages,
+    open_source,
+    penalty_folder,
+)
+from effad_hpc.utils.device import autocast, resolve_device
 
 
 def teacher_kwargs(config: ExperimentConfig) -> dict:
@@ -48,7 +56,8 @@ def _ast_kwargs(config: ExperimentConfig, channels: int, map_size: int) -> dict:
 def _efficientad_ast_kwargs(config: ExperimentConfig, channels: int, map_size: int) -> dict:
     s = config.student
     return _residual_student_kwargs(config, s, channels, map_size) | {
-        "ae_channels": s.ae_channels, "ae_upsampling_stages": s.ae_upsampling_stages, "ae_dropout": s.ae_dropout}
+        "ae_channels": s.ae_channels, "ae_upsampling_stages": s.ae_upsampling_stages, "ae_dropout": s.ae_dropout,
+        "map_normalization": s.map_normalization == "quantile"}
 
 
 def train_teacher(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
@@ -56,7 +65,8 @@ def train_teacher(config: ExperimentConfig, category: str, show_progress: bool =
     if (done := completed_record(folder, key, verify=True)) is not None:
         return done
     device = resolve_device(config.run.device, config.run.precision)
-    source = open_source(config, category, config.teacher.feature_source, device)
+    source = open_source(config, category, config.teacher.feature_source, device,
+                         preparation=config.teacher.feature_grid)
     torch.manual_seed(config.seed)
     teacher = ASTTeacher(source.channels, source.map_size, **teacher_kwargs(config)).to(device)
 
@@ -81,17 +91,35 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
     settings = config.ast_student if model_name == "ast" else config.student
     found = None if model_name == "ast" else penalty_folder(config, "student")
     device = resolve_device(config.run.device, config.run.precision)
-    source = open_source(config, category, settings.feature_source, device)
+    source = open_source(config, category, settings.feature_source, device,
+                         preparation=config.teacher.feature_grid)
     torch.manual_seed(config.seed)
     model = recipe(model_name).build(config, source.channels, source.map_size, {})
     model.teacher.load_state_dict(load_state(teacher_path))
     model.to(device)
     penalty = None
     if found is not None:
-        compute = source.compute if isinstance(source, ComputedFeatures) else BackboneFeatures(config, device)
+        compute = source.compute if isinstance(source, ComputedFeatures) else \
+            BackboneFeatures(config, device, preparation=config.teacher.feature_grid)
         penalty = PenaltyImages(*found, config.data.image_size, compute)
+    finish = None
+    if model_name == "efficientad_ast" and config.student.map_normalization == "quantile":
+        def finish() -> None:
+            model.map_quantiles.copy_(validation_quantiles(model, source, settings.batch_size, config))
     return fit(StageRun(stage, category, folder, key, settings, model, model.losses, source, config.seed,
-                        config.run.precision, penalty), show_progress)
+                        config.run.precision, penalty, finish), show_progress)
+
+
+@torch.no_grad()
+def validation_quantiles(model: EfficientADAST, source: FeatureSource, batch_size: int,
+                         config: ExperimentConfig) -> torch.Tensor:
+    """The hybrid's map quantiles over the validation images, in the precision inference uses."""
+    def raw_maps() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for features in source.batches("validation", range(source.size("validation")), batch_size):
+            with autocast(features.device, config.run.precision):
+                yield model.raw_maps(features)
+
+    return quantiles_of_maps(raw_maps(), config.student.map_quantiles)
 
 
 def train_student(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
@@ -137,6 +165,18 @@ def _builder(model_name: str, kwargs: Callable[[ExperimentConfig, int, int], dic
     return build
 
 
-register_recipe(ModelRecipe("ast", ("teacher", "student"), _builder("ast", _ast_kwargs)))
+def _variant(config: ExperimentConfig, hybrid: bool) -> str:
+    """``paper`` (the thesis's method for EfficientAD-AST), or the switches that change it."""
+    switches = []
+    if hybrid and config.student.map_normalization == "quantile":
+        switches.append("quantile-normalised maps")
+    if config.teacher.feature_grid == "finest":
+        switches.append("finest grid")
+    return " + ".join(switches) or PAPER_METHOD
+
+
+register_recipe(ModelRecipe("ast", ("teacher", "student"), _builder("ast", _ast_kwargs),
+                            variant=lambda config: _variant(config, hybrid=False)))
 register_recipe(ModelRecipe("efficientad_ast", ("teacher", "student_ae"),
-                            _builder("efficientad_ast", _efficientad_ast_kwargs)))
+                            _builder("efficientad_ast", _efficientad_ast_kwargs),
+                            variant=lambda config: _variant(config, hybrid=True)))

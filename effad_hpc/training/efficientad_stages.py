@@ -26,7 +26,7 @@ from effad_hpc.features.backbones import Backbone, build_backbone
 from effad_hpc.features.weights import checkpoint_identity
 from effad_hpc.models import PDN, build_model
 from effad_hpc.models.efficientad import EfficientAD, normalize_images
-from effad_hpc.models.losses import quantile
+from effad_hpc.models.map_normalization import quantiles_of_maps
 from effad_hpc.models.pdn import DistillationTargets, PDNSize, pdn_output_size
 from effad_hpc.training.artifacts import (
     BEST_MODEL,
@@ -274,14 +274,12 @@ def map_quantiles(model: EfficientAD, loader: DataLoader, device: torch.device,
                   quantiles: tuple[float, float], precision: Precision) -> torch.Tensor:
     """[[q_a, q_b] of the ST map, [q_a, q_b] of the AE map] over the validation images, computed
     in the precision inference uses: the constants map exactly the maps they will normalise."""
-    st_maps, ae_maps = [], []
-    for batch in loader:
-        with autocast(device, precision):
-            st, ae = model.raw_maps(batch["image"].to(device))
-        st_maps.append(st.flatten().cpu())
-        ae_maps.append(ae.flatten().cpu())
-    st, ae = torch.cat(st_maps), torch.cat(ae_maps)
-    return torch.tensor([[quantile(values, q).item() for q in quantiles] for values in (st, ae)])
+    def raw_maps() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in loader:
+            with autocast(device, precision):
+                yield model.raw_maps(batch["image"].to(device))
+
+    return quantiles_of_maps(raw_maps(), quantiles)
 
 
 def _train_efficientad(model_name: str, teacher_stage: str) -> Callable[..., StageRecord]:

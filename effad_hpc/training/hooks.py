@@ -32,8 +32,8 @@ class Validated:
     model: nn.Module
     """The stage's model as it is now (the listener must leave its weights and mode as it found them)."""
     ready: Callable[[], None] | None = None
-    """Brings ``model`` into its inference state as if training ended now (EfficientAD's map
-    normalization, which the stage otherwise sets only after its last step)."""
+    """Brings ``model`` into its inference state as if training ended now (the map normalisation of
+    EfficientAD and of the hybrid, which the stage otherwise sets only after its last step)."""
 
 
 class ValidationListener(Protocol):

@@ -62,6 +62,10 @@ class StageRun:
     seed: int
     precision: Precision = "auto"
     penalty: PenaltyImages | None = None
+    finish: Callable[[], None] | None = None
+    """Sets what the trained model needs from data once its weights are final (the hybrid's map
+    quantiles): run on the best model before ``model.pt`` is complete, and before the sweep's
+    scoring of each validation pass."""
 
 
 def seeded_generator(seed: int, *purpose) -> torch.Generator:
@@ -191,7 +195,7 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
                     save_state(run.model.state_dict(), folder / BEST_MODEL)
                 stopped_early = patience is not None and epoch - best_epoch >= patience
                 done, total = rounds(epoch, settings.epochs, settings.validate_every)
-                announce(Validated(run.stage, run.category, done, total, row, run.model))
+                announce(Validated(run.stage, run.category, done, total, row, run.model, run.finish))
             row["seconds"] = time.monotonic() - started
             elapsed += row["seconds"]
             history.append(row)
@@ -202,6 +206,11 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
             description = f"{run.category} {run.stage} epochs (validation {best_value:.4g} @ {best_epoch})"
             progress.update(epochs_task, completed=epoch, description=description)
 
+    if run.finish is not None:  # again after a kill between this and the record: same weights, same result
+        run.model.load_state_dict(load_state(folder / BEST_MODEL))
+        run.model.eval()
+        run.finish()
+        save_state(run.model.state_dict(), folder / BEST_MODEL)
     return complete_stage(folder, stage=run.stage, category=run.category, key=run.key, best_epoch=best_epoch,
                           final_epoch=epoch, best_validation=best_value, stopped_early=stopped_early,
                           train_seconds=round(elapsed, 3), resumed_at_epochs=resumed)

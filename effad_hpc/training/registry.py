@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from effad_hpc.config import BackboneConfig, ExperimentConfig, stable_hash
+from effad_hpc.config import PAPER_METHOD, BackboneConfig, ExperimentConfig, stable_hash
 from effad_hpc.errors import ConfigError
 from effad_hpc.data import category_fingerprints
 from effad_hpc.features.extract import feature_key
@@ -67,8 +67,9 @@ class ModelInputs:
 
 
 def backbone_inputs(config: ExperimentConfig) -> ModelInputs:
-    """The configured backbone and layers on the coarsest grid (the AST family)."""
-    return ModelInputs(config.data.image_size, config.backbone, tuple(config.backbone.layers), "coarsest")
+    """The configured backbone and layers on the grid of ``teacher.feature_grid`` (the AST family)."""
+    return ModelInputs(config.data.image_size, config.backbone, tuple(config.backbone.layers),
+                       config.teacher.feature_grid)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class ModelRecipe:
     """``build(config, feature_channels, map_size, state)``: the pure torch model that ``state``
     (the final stage's state dict, which the caller then loads) belongs to."""
     inputs: Callable[[ExperimentConfig], ModelInputs] = backbone_inputs
+    variant: Callable[[ExperimentConfig], str] = lambda config: PAPER_METHOD
+    """Which form of the method the config trains: ``paper``, or the switches that change it (the
+    leaderboard's ``variant`` column, so that a changed method is never read as the paper's)."""
+
 
 
 STAGES: dict[str, Stage] = {}
