@@ -54,29 +54,29 @@ def two_runs(tmp_path):
     return first, second
 
 
-HEADER = ("dataset,model,category,category_type,trial,source,budget,run_id,config_hash,code_version,created_at,"
-          "image_auroc,device,precision,latency_ms,pixel_auroc,train_seconds_total\n")
-CARPET = ("mvtec_ad,efficientad_ast,carpet,texture,,measured,paper,run1,h-run1,0.1.0,2026-01-01T00:00:00+00:00,"
-          "1,Xeon,float32,20,0.7,20\n")
+HEADER = ("dataset,model,variant,category,category_type,trial,source,budget,run_id,config_hash,code_version,created_at,"
+          "image_auroc,device,precision,latency_ms,pixel_auroc,pixel_rule,train_seconds_total\n")
+CARPET = ("mvtec_ad,efficientad_ast,paper,carpet,texture,,measured,paper,run1,h-run1,0.1.0,2026-01-01T00:00:00+00:00,"
+          "1,Xeon,float32,20,0.7,quantile,20\n")
 
 
 def test_latest_rule_gives_the_exact_csvs(two_runs, tmp_path):
     board = build_leaderboard(two_runs, "latest")
     write_leaderboard(board, tmp_path / "out")
     assert (tmp_path / "out" / "leaderboard.csv").read_text() == HEADER + (
-        "mvtec_ad,efficientad_ast,bottle,object,,measured,reduced: student_ae 20/100 epochs,run2,h-run2,0.1.0,"
-        "2026-02-01T00:00:00+00:00,0.95,Tesla V100-SXM2-16GB,float16,2,0.85,30\n"
+        "mvtec_ad,efficientad_ast,paper,bottle,object,,measured,reduced: student_ae 20/100 epochs,run2,h-run2,0.1.0,"
+        "2026-02-01T00:00:00+00:00,0.95,Tesla V100-SXM2-16GB,float16,2,0.85,quantile,30\n"
     ) + CARPET
     # The mean latency mixes a GPU and a CPU result: the summary names both devices beside it.
     assert (tmp_path / "out" / "leaderboard_summary.csv").read_text() == (
-        "dataset,model,source,budget,categories,image_auroc,pixel_auroc,device,precision,latency_ms,"
+        "dataset,model,variant,source,budget,categories,image_auroc,pixel_auroc,device,precision,latency_ms,"
         "texture_image_auroc,texture_pixel_auroc,object_image_auroc,object_pixel_auroc,train_seconds_total\n"
-        "mvtec_ad,efficientad_ast,measured,mixed,2,0.975,0.775,Tesla V100-SXM2-16GB; Xeon,float16; float32,11,"
+        "mvtec_ad,efficientad_ast,paper,measured,mixed,2,0.975,0.775,Tesla V100-SXM2-16GB; Xeon,float16; float32,11,"
         "1,0.7,0.95,0.85,50\n")
-    assert len(board.merged) == 1 and "mvtec_ad/efficientad_ast/bottle: 2 results" in board.merged[0]
+    assert len(board.merged) == 1 and "mvtec_ad/efficientad_ast/paper/bottle: 2 results" in board.merged[0]
     assert "rule: latest" in board.merged[0]
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert "| mvtec_ad | efficientad_ast | measured | mixed | 2 | 0.9750 |" in markdown
+    assert "| mvtec_ad | efficientad_ast | paper | measured | mixed | 2 | 0.9750 |" in markdown
     assert "| bottle | measured | reduced: student_ae 20/100 epochs |" in markdown
     assert (tmp_path / "out" / "auroc_per_category_mvtec_ad.png").stat().st_size > 1000
 
@@ -154,7 +154,7 @@ def test_cli_merges_runs_and_prints_the_rule(two_runs, tmp_path):
     out = subprocess.run([sys.executable, "-m", "effad_hpc", "leaderboard", *map(str, two_runs), "--merge", "best",
                           "--out", str(tmp_path / "board"), "--compare"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "merged: mvtec_ad/efficientad_ast/bottle: 2 results" in out.stdout and "rule: best" in out.stdout
+    assert "merged: mvtec_ad/efficientad_ast/paper/bottle: 2 results" in out.stdout and "rule: best" in out.stdout
     assert (tmp_path / "board" / "leaderboard.md").is_file()
 
 
@@ -174,3 +174,17 @@ def test_demo_results_are_marked_reduced_and_the_thesis_configs_paper():
         thesis = load_config(REPO / "configs" / f"{name}.yaml", ["imagenet=/data/imagenet"])
         assert {model: budget_label(training_budget(thesis, model)) for model in thesis.models} == {
             model: "paper" for model in thesis.models}
+
+
+def test_a_changed_method_is_its_own_row_and_summary_beside_the_papers(two_runs, tmp_path):
+    path = _metrics(two_runs[1], "efficientad_ast", "carpet", "2026-03-01T00:00:00+00:00", 0.4,
+                    image_auroc=0.99, pixel_auroc=0.9)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(record | {"variant": "quantile-normalised maps",
+                                         "thresholds": {"pixel_rule": "synthetic_f1"}}))
+    board = build_leaderboard(two_runs)
+    carpets = {(row["variant"], row["pixel_rule"]): row["image_auroc"] for row in board.rows
+               if row["category"] == "carpet"}
+    assert carpets == {("paper", "quantile"): 1.0, ("quantile-normalised maps", "synthetic_f1"): 0.99}
+    assert {(entry["variant"], entry["categories"]) for entry in board.summary} == {
+        ("paper", 2), ("quantile-normalised maps", 1)}

@@ -65,4 +65,4 @@ def test_cli_skips_impossible_values_and_keeps_the_other_rows(tmp_path):
     assert f"effad-hpc: warning: {text}: skipped, metric pixel_auroc = 'high': not a number (str)" in out.stderr
     assert "Traceback" not in out.stderr and "2 rows;" in out.stdout
     rows = (tmp_path / "board" / "leaderboard.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[2] for row in rows] == ["carpet", "grid"]
+    assert [row.split(",")[3] for row in rows] == ["carpet", "grid"]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from effad_hpc.data.validation_anomalies import ensure_validation_anomalies
-from effad_hpc.evaluation.synthetic_validation import score_maps
+from effad_hpc.evaluation.synthetic_validation import SyntheticMaps, score_maps
 from tests.conftest import tiny_config
 
 
@@ -105,3 +105,18 @@ def test_scores_from_features_made_once_equal_the_detectors_own_maps(tmp_path, c
     assert cached.keys() == direct.keys()
     for name, value in direct.items():
         assert cached[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_the_synthetic_f1_threshold_separates_found_anomalies_from_the_clean_tail():
+    """A model whose clean images have a long tail above most defect pixels: the quantile of the
+    clean pixels lands above the defects, the synthetic set's best F1 between tail and defects."""
+    rng = np.random.default_rng(1)
+    masks = np.zeros((4, 32, 32), dtype=bool)
+    masks[:, 8:16, 8:16] = True
+    clean = rng.random((3, 32, 32)) * 0.5
+    clean[:, 0, :4] = 2.0  # a few very high clean pixels (a border effect)
+    anomalous = np.where(masks, 1.0, 0.0) + rng.random(masks.shape) * 0.1
+    found = SyntheticMaps(clean, clean.max((1, 2)), anomalous, anomalous.max((1, 2)), masks)
+    assert np.quantile(clean, 0.999) > 1.1  # above every defect pixel: pixel F1 0 at that threshold
+    best = found.best_pixel_f1()
+    assert clean[clean < 1].max() < best.threshold <= anomalous[masks].min() and best.f1 > 0.95

@@ -17,10 +17,11 @@ Outputs under ``<run.out_dir>/<model>/``:
 
 ``metrics.json`` (schema version 1): ``schema_version``, ``key`` (hash of the trained model and the
 evaluation settings), ``model``, ``category``, ``dataset`` (``data.name``), ``layout``, ``data_root``,
-``config_hash``, ``trial`` (``<sweep>/<trial id>`` of a sweep trial, else empty), ``code_version``, ``created_at``,
+``variant`` (``paper``, or the switches that change the model's method), ``config_hash``, ``trial``
+(``<sweep>/<trial id>`` of a sweep trial, else empty), ``code_version``, ``created_at``,
 ``device``; ``compute`` (``device_name``, ``compute_capability``, ``precision``, ``torch``, ``cuda``,
 ``cudnn``: what the timings and maps were computed on); ``counts`` (test, good, defective,
-per defect type, validation); ``thresholds`` (``image``, ``pixel`` and how they were chosen);
+per defect type, validation); ``thresholds`` (``image``, ``pixel``, ``pixel_rule`` and how they were chosen);
 ``metrics``: a flat mapping name -> number or null (null: not defined for this data), with
 ``image_auroc``, ``pixel_auroc``, ``au_pro`` (MVTec AD), ``image_{f1,precision,recall}``,
 ``pixel_{f1,precision,recall}`` at the validation thresholds, ``oracle_image_*`` /
@@ -44,7 +45,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,7 +73,7 @@ from effad_hpc.evaluation.metrics import (
     sample_pixels,
     spro_regions,
 )
-from effad_hpc.evaluation.synthetic_validation import scoring_inputs, synthetic_validation_metrics
+from effad_hpc.evaluation.synthetic_validation import scoring_inputs, synthetic_maps
 from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import STAGES, load_detector, read_log, read_record, recipe, stage_folder, stage_key
 from effad_hpc.training.artifacts import BEST_MODEL
@@ -410,7 +411,10 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
     with Progress(*columns, disable=not show_progress) as progress:
         thresholds = fit_thresholds(detector, validation, config, model, category, device, progress)
         synthetic_inputs = scoring_inputs(detector, ensure_validation_anomalies(config, category), config, device)
-        synthetic = synthetic_validation_metrics(detector, synthetic_inputs, config, device)
+        synthetic_set = synthetic_maps(detector, synthetic_inputs, config, device)
+        synthetic = synthetic_set.metrics(config.evaluation.pro_fpr_limit)
+        if config.evaluation.pixel_threshold == "synthetic_f1":
+            thresholds = replace(thresholds, pixel=synthetic_set.best_pixel_f1().threshold)
         predictions = predict_test(detector, test, config, model, category, device, progress)
         # Labels are read from here on, after the thresholds and every map are fixed.
         curves, pixel_at_threshold = score_pixels(data, test, config, model, predictions, thresholds, progress)
@@ -431,7 +435,8 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
     _plots(folder, test, predictions, curves, logs, f"{category} {model}")
     evaluation = config.evaluation
     result = {
-        "schema_version": SCHEMA_VERSION, "key": key, "model": model, "category": category,
+        "schema_version": SCHEMA_VERSION, "key": key, "model": model, "variant": recipe(model).variant(config),
+        "category": category,
         "dataset": dataset_name(config), "layout": data.layout, "data_root": str(config.data.root),
         "config_hash": config_hash(config), "run_name": config.name, "trial": config.run.trial or "",
         "code_version": code_version(), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -439,9 +444,12 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
         "counts": {"test": len(test), "good": sum(s.label == 0 for s in test), "defective": sum(s.label for s in test),
                    "by_defect": dict(sorted(Counter(s.defect_type for s in test).items())),
                    "validation": thresholds.validation_images},
-        "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel,
+        "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel, "pixel_rule": evaluation.pixel_threshold,
                        "source": f"validation split (good images): quantile {evaluation.image_threshold_quantile} "
-                                 f"of image scores, {evaluation.pixel_threshold_quantile} of pixel scores"},
+                                 "of image scores; pixel: " + (
+                                     f"quantile {evaluation.pixel_threshold_quantile} of pixel scores"
+                                     if evaluation.pixel_threshold == "quantile" else
+                                     "best F1 on the synthetic anomalies made from them")},
         "metrics": metrics,
         "training": {stage: asdict(record) for stage, record in records.items()},
         "budget": training_budget(config, model),

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from effad_hpc.config import PAPER_METHOD
 from effad_hpc.errors import EffadError
 from effad_hpc.leaderboard.published import AGGREGATES, published_rows
 from effad_hpc.utils.atomic import atomic_write_text
 
 MergeRule = Literal["latest", "best"]
-IDENTITY = ["dataset", "model", "category", "category_type", "trial", "source", "budget", "run_id", "config_hash",
-            "code_version", "created_at"]
+IDENTITY = ["dataset", "model", "variant", "category", "category_type", "trial", "source", "budget", "run_id",
+            "config_hash", "code_version", "created_at"]
 PAPER_BUDGET = "paper"
 """``budget`` of a result trained as long as its paper trained (or fitted, which has no length)."""
 TEXTURES = frozenset({"carpet", "grid", "leather", "tile", "wood", "fabric"})
@@ -105,13 +106,15 @@ def _measured_row(path: Path) -> dict | None:
     final = training[final_stage] if final_stage else {}
     compute = data.get("compute") or {}  # absent before provenance was recorded
     row = {
-        "dataset": data["dataset"], "model": data["model"], "category": data["category"],
+        "dataset": data["dataset"], "model": data["model"], "variant": data.get("variant", PAPER_METHOD),
+        "category": data["category"],
         "category_type": category_type(data.get("layout"), data["category"]), "trial": str(data.get("trial", "")),
         "source": "measured", "budget": budget_label(data.get("budget")),
         "run_id": data.get("run_name") or run_dir.name,
         "config_hash": data.get("config_hash", ""), "code_version": data.get("code_version", ""),
         "created_at": data["created_at"],
         "device": compute.get("device_name") or data.get("device", ""), "precision": compute.get("precision", ""),
+        "pixel_rule": (data.get("thresholds") or {}).get("pixel_rule", "quantile"),
         "_validation": final.get("best_validation", math.inf),
         "_final_stage": final_stage, "_path": str(path),
     }
@@ -149,7 +152,7 @@ class Leaderboard:
 def _merge(rows: list[dict], rule: MergeRule) -> tuple[list[dict], list[str]]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["dataset"], row["model"], row["category"], row["trial"]), []).append(row)
+        groups.setdefault((row["dataset"], row["model"], row["variant"], row["category"], row["trial"]), []).append(row)
     kept, notes = [], []
     for key, group in groups.items():
         not_comparable = _not_comparable(group) if rule == "best" else None
@@ -184,13 +187,13 @@ def _mean(values: list[float]) -> float | None:
 
 def _summarize(rows: list[dict], published: dict[tuple[str, str, str], dict]) -> list[dict]:
     summary = []
-    measured: dict[tuple[str, str], list[dict]] = {}
+    measured: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
         if row["source"] == "measured":
-            measured.setdefault((row["dataset"], row["model"]), []).append(row)
-    for (dataset, model), group in measured.items():
+            measured.setdefault((row["dataset"], row["model"], row["variant"]), []).append(row)
+    for (dataset, model, variant), group in measured.items():
         budgets = {r["budget"] for r in group}
-        entry = {"dataset": dataset, "model": model, "source": "measured", "categories": len(group),
+        entry = {"dataset": dataset, "model": model, "variant": variant, "source": "measured", "categories": len(group),
                  "budget": budgets.pop() if len(budgets) == 1 else "mixed"}
         for metric in SUMMARY_METRICS:
             entry[metric] = _mean([r.get(metric) for r in group])
@@ -205,7 +208,7 @@ def _summarize(rows: list[dict], published: dict[tuple[str, str, str], dict]) ->
     for (dataset, model, category), values in published.items():
         if category != "mean":
             continue
-        entry = {"dataset": dataset, "model": model, "source": "published", "categories": None,
+        entry = {"dataset": dataset, "model": model, "variant": PAPER_METHOD, "source": "published", "categories": None,
                  "budget": PAPER_BUDGET}
         entry |= {metric: values.get(metric) for metric in SUMMARY_METRICS}
         for kind, aggregate in (("texture", "textures"), ("object", "objects")):
@@ -241,7 +244,7 @@ def build_leaderboard(run_dirs: Sequence[Path], rule: MergeRule = "latest", comp
             rows.append({"dataset": dataset, "model": model, "category": category,
                          "category_type": category_type("mvtec_loco" if dataset == "mvtec_loco" else "mvtec_ad",
                                                         category),
-                         "trial": "", "source": "published", "budget": PAPER_BUDGET,
+                         "variant": PAPER_METHOD, "trial": "", "source": "published", "budget": PAPER_BUDGET,
                          "run_id": values["published_source"],
                          **{k: v for k, v in values.items() if k != "published_source"}})
     for row in rows:
@@ -290,8 +293,8 @@ def _markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-MARKDOWN_ROW_COLUMNS = ["dataset", "model", "category", "source", "budget", "image_auroc", "pixel_auroc", "au_pro",
-                        "auroc_loco_mean", "au_spro_0.05_mean", "image_f1", "pixel_f1", "device", "precision",
+MARKDOWN_ROW_COLUMNS = ["dataset", "model", "variant", "category", "source", "budget", "image_auroc", "pixel_auroc",
+                        "au_pro", "auroc_loco_mean", "au_spro_0.05_mean", "image_f1", "pixel_f1", "device", "precision",
                         "latency_ms", "delta_image_auroc", "delta_pixel_auroc"]
 
 
@@ -301,7 +304,7 @@ def write_leaderboard(board: Leaderboard, out: Path) -> list[Path]:
 
     out = Path(out)
     row_columns = _columns(board.rows, IDENTITY)
-    ordered = ["dataset", "model", "source", "budget", "categories", *_beside_timings(SUMMARY_METRICS),
+    ordered = ["dataset", "model", "variant", "source", "budget", "categories", *_beside_timings(SUMMARY_METRICS),
                *[f"{kind}_{metric}" for kind in ("texture", "object") for metric in SPLIT_METRICS],
                "train_seconds_total"]
     summary_columns = [c for c in ordered if any(entry.get(c) is not None for entry in board.summary)]

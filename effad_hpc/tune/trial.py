@@ -25,7 +25,12 @@ import torch
 from effad_hpc.config import ExperimentConfig, write_resolved_config
 from effad_hpc.data import label_free
 from effad_hpc.data.validation_anomalies import AnomalySet, ensure_validation_anomalies
-from effad_hpc.evaluation.synthetic_validation import ScoringInputs, scoring_inputs, synthetic_validation_metrics
+from effad_hpc.evaluation.synthetic_validation import (
+    ScoringInputs,
+    objective_value,
+    scoring_inputs,
+    synthetic_validation_metrics,
+)
 from effad_hpc.models import AnomalyDetector
 from effad_hpc.training import recipe, train
 from effad_hpc.training.detector import as_detector, load_detector, model_input
@@ -71,17 +76,6 @@ class TrialSetup:
 
 def trial_dir(sweep_dir: Path, trial_id: str) -> Path:
     return Path(sweep_dir) / "trials" / trial_id
-
-
-def objective_value(metrics: dict[str, float | None], objective: str) -> float:
-    """One category's objective; ``val_synthetic_mean`` is the mean of image AUROC and AU-PRO
-    (image AUROC alone where AU-PRO is undefined)."""
-    if objective == "val_synthetic_mean":
-        parts = [metrics[name] for name in ("val_synthetic_image_auroc", "val_synthetic_au_pro")
-                 if metrics.get(name) is not None]
-        return float(sum(parts) / len(parts)) if parts else math.nan
-    value = metrics.get(objective)
-    return math.nan if value is None else float(value)
 
 
 class TrialReporter:
