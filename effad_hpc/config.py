@@ -213,6 +213,9 @@ class StudentConfig(PenaltySettings, MapQuantiles, ASTStudentConfig):
     ae_upsampling_stages: NonNegativeInt = 2
     """Nearest x2 upsampling steps in the autoencoder's decoder before pooling back to the grid."""
     ae_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    smoothing_sigma: Annotated[float, Field(ge=0)] = 0.0
+    """Gaussian smoothing of the hybrid's map once upsampled to the image, in pixels of its input
+    (the thesis: none; PatchCore's 4 smooths the blocky upsampling of a coarse grid)."""
     map_normalization: Literal["none", "quantile"] = "none"
     """How the ST and AE maps are combined: ``none`` averages them as they are (the thesis);
     ``quantile`` first maps each with its validation quantiles (``map_quantiles``, EfficientAD's

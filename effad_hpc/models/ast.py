@@ -113,8 +113,10 @@ class AST(_StudentTeacher):
 class EfficientADAST(_StudentTeacher):
     def __init__(self, feature_channels: int, map_size: int, teacher: dict, hidden_channels: int = 1024,
                  residual_blocks: int = 4, loss_percentile: float = 1.0, ae_channels: int = 64,
-                 ae_upsampling_stages: int = 2, ae_dropout: float = 0.2, map_normalization: bool = False):
+                 ae_upsampling_stages: int = 2, ae_dropout: float = 0.2, map_normalization: bool = False,
+                 smoothing_sigma: float = 0.0):
         super().__init__(feature_channels, map_size, teacher, loss_percentile)
+        self.smoothing_sigma = smoothing_sigma
         # The thesis averages the raw ST and AE maps; with map_normalization each is first mapped
         # with its validation quantiles (EfficientAD's rule, set by the training layer).
         self.map_normalization = map_normalization

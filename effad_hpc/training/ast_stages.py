@@ -57,7 +57,7 @@ def _efficientad_ast_kwargs(config: ExperimentConfig, channels: int, map_size: i
     s = config.student
     return _residual_student_kwargs(config, s, channels, map_size) | {
         "ae_channels": s.ae_channels, "ae_upsampling_stages": s.ae_upsampling_stages, "ae_dropout": s.ae_dropout,
-        "map_normalization": s.map_normalization == "quantile"}
+        "map_normalization": s.map_normalization == "quantile", "smoothing_sigma": s.smoothing_sigma}
 
 
 def train_teacher(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
@@ -172,6 +172,8 @@ def _variant(config: ExperimentConfig, hybrid: bool) -> str:
         switches.append("quantile-normalised maps")
     if config.teacher.feature_grid == "finest":
         switches.append("finest grid")
+    if hybrid and config.student.smoothing_sigma > 0:
+        switches.append(f"smoothed maps (sigma {config.student.smoothing_sigma:g})")
     return " + ".join(switches) or PAPER_METHOD
 
 
