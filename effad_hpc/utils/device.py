@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+
 import torch
 
 from effad_hpc.config import Precision
