@@ -21,11 +21,13 @@ end: test metrics are printed as they come and never used to choose.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from effad_hpc.config import load_config
+from effad_hpc.errors import EffadError
 from effad_hpc.evaluation import evaluate_category
 from effad_hpc.evaluation.synthetic_validation import objective_value
 from effad_hpc.training import train
@@ -118,4 +120,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EffadError as exc:  # a missing folder or category, a bad override: one line, as the CLI says it
+        sys.exit(f"quality.py: error: {exc}")
