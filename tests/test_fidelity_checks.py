@@ -187,11 +187,11 @@ def test_merge_best_ranks_losses_and_falls_back_to_latest_for_baseline_scores(tm
     assert _kept(board, "efficientad_s")["run_id"] == "older"
     assert _kept(board, "efficientad_m")["run_id"] == "newer"
     notes = {note.split(":")[0]: note for note in board.merged}
-    assert notes["mvtec_ad/padim/bottle"].endswith(
+    assert notes["mvtec_ad/padim/paper/bottle"].endswith(
         "(rule: best; fell back to latest: the final stage padim reports no validation loss)")
-    assert notes["mvtec_ad/efficientad_s/bottle"].endswith("(rule: best)")
+    assert notes["mvtec_ad/efficientad_s/paper/bottle"].endswith("(rule: best)")
     assert "fell back to latest: a validation loss of efficientad_m is missing or not finite" in \
-        notes["mvtec_ad/efficientad_m/bottle"]
+        notes["mvtec_ad/efficientad_m/paper/bottle"]
 
 
 def test_merge_best_does_not_compare_different_final_stages(tmp_path):
