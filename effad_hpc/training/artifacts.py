@@ -50,10 +50,12 @@ def save_state(state: dict, path: Path) -> None:
         try:
             torch.save(state, handle)
         except RuntimeError as exc:
-            # Ctrl-C inside torch.save: its zip writer's cleanup raises "unexpected pos" over the
-            # KeyboardInterrupt, which must stay what it is (one line, status 130, resumable).
-            if isinstance(exc.__context__, KeyboardInterrupt):
-                raise KeyboardInterrupt from None
+            # Ctrl-C, or submitit's preemption handler (requeue, then sys.exit), inside torch.save:
+            # its zip writer's cleanup raises "unexpected pos" over the KeyboardInterrupt or
+            # SystemExit, which must stay what it is (Ctrl-C: one line, status 130; preemption: the
+            # requeued job resumes, where the RuntimeError failed it). The old file is untouched.
+            if isinstance(exc.__context__, (KeyboardInterrupt, SystemExit)):
+                raise exc.__context__ from None
             raise
 
 
