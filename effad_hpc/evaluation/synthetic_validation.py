@@ -8,6 +8,7 @@ objective), and the same numbers on every trial and model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,28 +30,10 @@ CURVE_BINS = 1000
 """Thresholds of the pixel curves: the set has some 10^6 pixels, not a test split's 10^8."""
 
 
-def _pixel_curves(clean_maps: np.ndarray, anomalous_maps: np.ndarray, masks: np.ndarray) -> PixelCurves:
-    maps = np.concatenate([clean_maps, anomalous_maps])
-    curves = PixelCurves(float(maps.min()), float(maps.max()), CURVE_BINS, maps.ravel())
-    for anomaly_map in clean_maps:
-        curves.add(anomaly_map, [], good=True)
-    for anomaly_map, mask in zip(anomalous_maps, masks):
-        curves.add(anomaly_map, pro_regions([GroundTruthRegion(mask, "synthetic")], "synthetic"), good=False)
-    return curves
-
-
-def score_maps(clean_scores: np.ndarray, anomalous_scores: np.ndarray, clean_maps: np.ndarray,
-               anomalous_maps: np.ndarray, masks: np.ndarray, pro_fpr_limit: float) -> dict[str, float | None]:
-    """The three metrics from image scores, (N, S, S) maps and (M, S, S) boolean masks."""
-    labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(anomalous_scores))]
-    curves = _pixel_curves(clean_maps, anomalous_maps, masks)
-    return {"val_synthetic_image_auroc": auroc(labels, np.r_[clean_scores, anomalous_scores]),
-            "val_synthetic_pixel_auroc": curves.auroc(), "val_synthetic_au_pro": curves.au_pro(pro_fpr_limit)}
-
-
 @dataclass(frozen=True)
 class SyntheticMaps:
-    """A detector's maps (at its input size) and image scores on the set's clean and anomalous images."""
+    """A detector's maps (at its input size) and image scores on the set's clean and anomalous images:
+    (N, S, S) and (M, S, S) maps, with (M, S, S) boolean masks."""
 
     clean_maps: np.ndarray
     clean_scores: np.ndarray
@@ -58,15 +41,34 @@ class SyntheticMaps:
     anomalous_scores: np.ndarray
     masks: np.ndarray
 
+    @functools.cached_property
+    def curves(self) -> PixelCurves:
+        """The pixel curves, built once for both the metrics and the F1 threshold."""
+        maps = np.concatenate([self.clean_maps, self.anomalous_maps])
+        curves = PixelCurves(float(maps.min()), float(maps.max()), CURVE_BINS, maps.ravel())
+        for anomaly_map in self.clean_maps:
+            curves.add(anomaly_map, [], good=True)
+        for anomaly_map, mask in zip(self.anomalous_maps, self.masks):
+            curves.add(anomaly_map, pro_regions([GroundTruthRegion(mask, "synthetic")], "synthetic"), good=False)
+        return curves
+
     def metrics(self, pro_fpr_limit: float) -> dict[str, float | None]:
-        return score_maps(self.clean_scores, self.anomalous_scores, self.clean_maps, self.anomalous_maps,
-                          self.masks, pro_fpr_limit)
+        labels = np.r_[np.zeros(len(self.clean_scores)), np.ones(len(self.anomalous_scores))]
+        return {"val_synthetic_image_auroc": auroc(labels, np.r_[self.clean_scores, self.anomalous_scores]),
+                "val_synthetic_pixel_auroc": self.curves.auroc(),
+                "val_synthetic_au_pro": self.curves.au_pro(pro_fpr_limit)}
 
     def best_pixel_f1(self) -> ThresholdScores:
         """The pixel threshold with the best F1 on the synthetic anomalies and the clean images:
         a rule from validation images only that weighs missed defect pixels, where a quantile of
         good pixels alone can land above every defect pixel of a model with a long good tail."""
-        return best_f1(*_pixel_curves(self.clean_maps, self.anomalous_maps, self.masks).precision_recall())
+        return best_f1(*self.curves.precision_recall())
+
+
+def score_maps(clean_scores: np.ndarray, anomalous_scores: np.ndarray, clean_maps: np.ndarray,
+               anomalous_maps: np.ndarray, masks: np.ndarray, pro_fpr_limit: float) -> dict[str, float | None]:
+    """The three metrics from image scores, (N, S, S) maps and (M, S, S) boolean masks."""
+    return SyntheticMaps(clean_maps, clean_scores, anomalous_maps, anomalous_scores, masks).metrics(pro_fpr_limit)
 
 
 @dataclass(frozen=True)
