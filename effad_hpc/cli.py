@@ -250,6 +250,25 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from effad_hpc.errors import ConfigError
+    from effad_hpc.export import TOLERANCE, export_detector
+
+    config = _load(args)
+    models, (category,) = _models_and_categories(args, config)
+    if len(models) != 1:
+        raise ConfigError(f"--model: export writes one model's artifact at a time, got {', '.join(models)}")
+    model = models[0]
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be at least 1")
+    result = export_detector(config, model, category, args.format, args.out, args.batch)
+    shape = result.metadata["input"]["shape"]
+    print(f"{category} {model}: {args.format} artifact for images {tuple(shape)} (RGB in [0, 1]) -> anomaly_map, "
+          f"score; agrees with PyTorch within {result.max_difference:.2g} (tolerance {TOLERANCE:g} relative): "
+          f"{result.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effad-hpc", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -326,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="add the thesis's published rows and per-category deltas measured - published")
     p.set_defaults(run=cmd_leaderboard)
+
+    p = sub.add_parser("export", help="write a trained detector as one TorchScript or ONNX file for inference")
+    _add_config(p)
+    p.add_argument("--model", required=True, action="append", help="registered model name (one)")
+    p.add_argument("--category", required=True)
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    p.add_argument("--out", type=Path, help="default: <run>/<model>/export/<category>.pt|.onnx")
+    p.add_argument("--batch", type=int, default=1, help="the artifact's fixed batch size")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("prefetch", help="download the weights a config needs (on a login node with internet)")
     _add_config(p)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from effad_hpc.config import ExperimentConfig
 from effad_hpc.data import ImageDataset
 from effad_hpc.data.mvtec import Sample
-from effad_hpc.errors import CheckpointError
+from effad_hpc.errors import CheckpointError, ConfigError
 from effad_hpc.features.backbones import FeatureExtractor, build_backbone
 from effad_hpc.models import AnomalyDetector
 from effad_hpc.training.artifacts import BEST_MODEL, load_state
@@ -62,6 +62,29 @@ def load_detector(config: ExperimentConfig, model_name: str, category: str, devi
     built = model_input(config, model_name)
     model = recipe(model_name).build(config, built.channels, built.map_size, state)
     model.load_state_dict(state)
+    return as_detector(config, model_name, model, built.extractor).to(device).eval()
+
+
+def untrained_detector(config: ExperimentConfig, model_name: str, train_images: int = 200,
+                       device: torch.device | str = "cpu") -> AnomalyDetector:
+    """A detector of this config's sizes with untrained weights, and memory (PatchCore's bank,
+    PaDiM's statistics, SPADE's gallery) sized for ``train_images`` training images and filled
+    with random values: for timing, memory and export checks, never for scores."""
+    built = model_input(config, model_name)
+    generator = torch.Generator().manual_seed(config.seed)
+    memory = {  # what each baseline's build reads off a trained state: the sizes of its memory
+        "patchcore": lambda: {"bank": torch.randn(max(1, round(config.patchcore.coreset_ratio * train_images
+                                                                 * built.map_size ** 2)), built.channels,
+                                                  generator=generator)},
+        "padim": lambda: {"channel_index": torch.arange(min(config.padim.dims, built.channels))},
+        "spade": lambda: {"gallery": torch.randn(train_images, built.channels, built.map_size, built.map_size,
+                                                 generator=generator)},
+    }
+    if model_name == "spade" and config.spade.global_layer is not None:
+        raise ConfigError("untrained_detector: SPADE with a global_layer is not supported; time it without one")
+    state = memory.get(model_name, dict)()
+    model = recipe(model_name).build(config, built.channels, built.map_size, state)
+    model.load_state_dict(state, strict=False)
     return as_detector(config, model_name, model, built.extractor).to(device).eval()
 
 
