@@ -78,7 +78,7 @@ def test_padim_covariance_is_invertible_with_fewer_images_than_channels():
 def test_spade_compares_pixels_with_the_nearest_training_images():
     generator = torch.Generator().manual_seed(3)
     gallery = torch.randn(6, 4, 3, 3, generator=generator)
-    model = SPADE.fit([gallery], image_neighbors=2)
+    model = SPADE.fit([gallery], image_neighbors=2, gallery_dtype=torch.float32)  # the exact algorithm
     assert model.maps(gallery[:2])["combined"].abs().max() < 1e-3  # each is its own nearest image
     test = torch.randn(1, 4, 3, 3, generator=generator)
     global_distances = torch.cdist(test.mean((2, 3)), gallery.mean((2, 3)))[0]
@@ -91,7 +91,7 @@ def test_spade_compares_pixels_with_the_nearest_training_images():
     # With a global layer (the paper's image-level feature): images are found by its pooled channels.
     image_level = torch.randn(6, 7, 1, 1, generator=generator)
     inputs = torch.cat([gallery, image_level.expand(-1, -1, 3, 3)], dim=1)
-    model = SPADE.fit([inputs[:4], inputs[4:]], image_neighbors=2, global_channels=7)
+    model = SPADE.fit([inputs[:4], inputs[4:]], image_neighbors=2, global_channels=7, gallery_dtype=torch.float32)
     assert model.gallery.shape == (6, 4, 3, 3) and torch.allclose(model.global_features, image_level[:, :, 0, 0])
     test_level = torch.randn(1, 7, 1, 1, generator=generator)
     test_inputs = torch.cat([test, test_level.expand(-1, -1, 3, 3)], dim=1)

@@ -9,13 +9,23 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from effad_hpc.features.backbones import FeatureExtractor
 from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.feature_maps import PREPARATIONS, Preparation
 
 ImageScore = Literal["max", "mean"]
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 1, H, W) maps smoothed by a Gaussian of standard deviation ``sigma`` pixels, truncated at
+    4 sigma, borders reflected: torchvision's ``gaussian_blur`` as two 1-D passes, which costs
+    2k instead of k^2 multiply-adds per pixel (k = 129 for sigma 16 at 1024 px)."""
+    radius = math.ceil(4 * sigma)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
+    kernel = torch.softmax(-0.5 * (offsets / sigma) ** 2, dim=0)
+    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
+    return F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
 
 
 def resize_maps(maps: dict[str, torch.Tensor], size: tuple[int, int], sigma: float = 0.0) -> dict[str, torch.Tensor]:
@@ -25,8 +35,7 @@ def resize_maps(maps: dict[str, torch.Tensor], size: tuple[int, int], sigma: flo
     resized = {name: F.interpolate(m.float()[:, None], size=size, mode="bilinear", align_corners=False)
                for name, m in maps.items()}
     if sigma > 0:
-        kernel = 2 * math.ceil(4 * sigma) + 1
-        resized = {name: TF.gaussian_blur(m, [kernel, kernel], [sigma, sigma]) for name, m in resized.items()}
+        resized = {name: gaussian_smooth(m, sigma) for name, m in resized.items()}
     return {name: m[:, 0] for name, m in resized.items()}
 
 

@@ -1,8 +1,9 @@
 """Exact k-nearest-neighbour search in chunks, with memory bounded whatever the bank size.
 
-Distances are Euclidean. The queries are processed ``query_chunk`` at a time against the bank
-``bank_chunk`` rows at a time, keeping a running top-k, so the largest temporary is a
-(query_chunk x bank_chunk) distance block. Runs on whichever device the tensors are on.
+Distances are Euclidean, computed in float32 (a float16 bank is widened chunk by chunk). The
+queries are processed ``query_chunk`` at a time against the bank ``bank_chunk`` rows at a time,
+keeping a running top-k, so the largest temporary is a (query_chunk x bank_chunk) distance
+block. Runs on whichever device the tensors are on.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, qu
     if bank.shape[0] < k:
         raise ValueError(f"{k} neighbours were asked for from a bank of {bank.shape[0]} vectors")
     with torch.autocast(queries.device.type, enabled=False):  # distances by expansion need float32
-        return _search(queries.float(), bank.float(), k, query_chunk, bank_chunk)
+        return _search(queries.float(), bank, k, query_chunk, bank_chunk)
 
 
 def _search(queries: torch.Tensor, bank: torch.Tensor, k: int, query_chunk: int,
@@ -38,7 +39,7 @@ def _search(queries: torch.Tensor, bank: torch.Tensor, k: int, query_chunk: int,
         best = torch.full((block.shape[0], k), torch.inf, device=queries.device)
         best_index = torch.zeros(block.shape[0], k, dtype=torch.long, device=queries.device)
         for b_lo in range(0, bank.shape[0], bank_chunk):
-            part = bank[b_lo:b_lo + bank_chunk]
+            part = bank[b_lo:b_lo + bank_chunk].float()  # a float16 bank is widened a chunk at a time
             distances = _squared_distances(block, block_norms, part)
             top = distances.topk(min(k, part.shape[0]), dim=1, largest=False)
             merged = torch.cat([best, top.values], dim=1)

@@ -17,6 +17,10 @@ from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.registry import register_model
 
 
+POSITION_CHUNK = 256
+"""Positions whose (dims x dims) blocks are updated or inverted at once."""
+
+
 class PaDiM(AnomalyModel):
     def __init__(self, in_channels: int, map_size: tuple[int, int], dims: int = 100, seed: int = 0,
                  smoothing_sigma: float = 4.0):
@@ -35,28 +39,37 @@ class PaDiM(AnomalyModel):
 
     @classmethod
     def fit(cls, batches: Iterable[torch.Tensor], dims: int = 100, regularization: float = 0.01,
-            seed: int = 0) -> PaDiM:
+            seed: int = 0, position_chunk: int = POSITION_CHUNK) -> PaDiM:
         """One streaming pass; the sums are taken around the first batch's mean (a shift that keeps
-        float32 accurate), so memory is the model's own size whatever the number of images."""
-        model, shift, total, outer, count = None, None, None, None, 0
+        float32 accurate). The outer products are summed into the model's own precision buffer
+        and inverted there, ``position_chunk`` positions at a time, so the fit needs the model's
+        size plus a chunk (at paper sizes, 4096 positions x 550^2: 5 GB, where a covariance, its
+        inverse and a batch's outer products side by side needed 15-20 GB)."""
+        model, shift, total, count = None, None, None, 0
         for batch in batches:
             if model is None:
                 model = cls(batch.shape[1], tuple(batch.shape[-2:]), dims, seed).to(batch.device)
+                model.precision.zero_()  # the sum of outer products until the fit ends
             x = model._positions(batch)
             if shift is None:
                 shift = x.mean(0)
-                total, outer = torch.zeros_like(shift), shift.new_zeros(model.precision.shape)
-            centred = x - shift
-            total += centred.sum(0)
-            outer += torch.einsum("bpi,bpj->pij", centred, centred)
+                total = torch.zeros_like(shift)
+            centred = (x - shift).transpose(0, 1)  # (positions, B, dims)
+            total += centred.sum(1)
+            for lo in range(0, centred.shape[0], position_chunk):
+                part = centred[lo:lo + position_chunk]
+                model.precision[lo:lo + position_chunk].baddbmm_(part.transpose(1, 2), part)
             count += len(x)
         if model is None:
             raise ValueError("PaDiM.fit: no training features")
         mean_shift = total / count
-        covariance = (outer - count * mean_shift[:, :, None] * mean_shift[:, None, :]) / max(count - 1, 1)
-        covariance += regularization * torch.eye(covariance.shape[-1], device=covariance.device)
+        identity = torch.eye(model.precision.shape[-1], device=model.precision.device)
+        for lo in range(0, model.precision.shape[0], position_chunk):
+            outer, shifted = model.precision[lo:lo + position_chunk], mean_shift[lo:lo + position_chunk]
+            covariance = (outer - count * shifted[:, :, None] * shifted[:, None, :]) / max(count - 1, 1)
+            covariance += regularization * identity
+            outer.copy_(torch.cholesky_inverse(torch.linalg.cholesky(covariance)))
         model.mean.copy_(shift + mean_shift)
-        model.precision.copy_(torch.linalg.inv(covariance))
         return model
 
     def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -94,7 +94,7 @@ def _fit_padim(config: ExperimentConfig, _source: FeatureSource, batches: Iterab
 def _fit_spade(config: ExperimentConfig, source: FeatureSource, batches: Iterable[torch.Tensor]) -> nn.Module:
     s = config.spade
     global_channels = None if s.global_layer is None else source.layer_channels[s.global_layer]
-    return SPADE.fit(batches, s.image_neighbors, s.pixel_neighbors, global_channels)
+    return SPADE.fit(batches, s.image_neighbors, s.pixel_neighbors, global_channels, getattr(torch, s.gallery_dtype))
 
 
 def _build_patchcore(config: ExperimentConfig, channels: int, _map_size: int, state: dict) -> nn.Module:
@@ -114,7 +114,8 @@ def _build_spade(config: ExperimentConfig, _channels: int, _map_size: int, state
     return build_model("spade", gallery_size=gallery.shape[0], channels=gallery.shape[1],
                        map_size=tuple(gallery.shape[-2:]), image_neighbors=config.spade.image_neighbors,
                        pixel_neighbors=config.spade.pixel_neighbors, smoothing_sigma=config.spade.smoothing_sigma,
-                       global_channels=None if config.spade.global_layer is None else state["global_features"].shape[1])
+                       global_channels=None if config.spade.global_layer is None else state["global_features"].shape[1],
+                       gallery_dtype=gallery.dtype)
 
 
 def _inputs(name: str, preparation: Preparation) -> Inputs:

@@ -1,0 +1,58 @@
+"""Every speed or memory optimisation against the reference computation it replaces: equal
+outputs within a stated tolerance (speed itself is measured by benchmarks/run.py, not here)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from effad_hpc.models.detector import gaussian_smooth
+from effad_hpc.models.padim import PaDiM
+from effad_hpc.models.spade import SPADE
+
+
+@pytest.mark.parametrize("sigma, size", [(4.0, 64), (16.0, 256), (2.5, 37)])
+def test_separable_smoothing_equals_torchvisions_dense_gaussian_blur(sigma, size):
+    maps = torch.rand(2, 1, size, size + 3, generator=torch.Generator().manual_seed(0))
+    kernel = 2 * math.ceil(4 * sigma) + 1
+    exact = TF.gaussian_blur(maps.double(), [kernel, kernel], [sigma, sigma])
+    dense = TF.gaussian_blur(maps, [kernel, kernel], [sigma, sigma])
+    separable = gaussian_smooth(maps, sigma).double()
+    # float32: the dense kernel sums up to 129^2 products, so it strays more from the exact result
+    assert (separable - exact).abs().max() <= 1e-6
+    assert (separable - exact).abs().max() <= (dense.double() - exact).abs().max() + 1e-7
+
+
+def _reference_padim(features: torch.Tensor, channel_index: torch.Tensor, regularization: float):
+    """Per position, in float64: the sample mean and the inverse of the regularised sample covariance."""
+    x = features.double()[:, channel_index].flatten(2).permute(2, 0, 1)  # (positions, N, dims)
+    mean = x.mean(1)
+    centred = x - mean[:, None]
+    covariance = centred.transpose(1, 2) @ centred / (x.shape[1] - 1)
+    return mean, torch.linalg.inv(covariance + regularization * torch.eye(x.shape[-1], dtype=torch.float64))
+
+
+def test_padim_chunked_in_place_fit_equals_the_direct_float64_computation():
+    generator = torch.Generator().manual_seed(1)
+    batches = [2.0 + torch.randn(5, 12, 6, 7, generator=generator) for _ in range(3)]  # 42 positions
+    model = PaDiM.fit(batches, dims=10, regularization=0.01, position_chunk=5)  # chunks that do not divide 42
+    mean, precision = _reference_padim(torch.cat(batches), model.channel_index, 0.01)
+    assert torch.allclose(model.mean.double(), mean, atol=1e-5)
+    assert torch.allclose(model.precision.double(), precision, rtol=1e-4, atol=1e-4)
+    one_chunk = PaDiM.fit(batches, dims=10, regularization=0.01, position_chunk=10_000)
+    assert torch.allclose(model.precision, one_chunk.precision, rtol=1e-5, atol=1e-5)
+
+
+def test_spade_float16_gallery_maps_equal_float32_within_2e_3():
+    generator = torch.Generator().manual_seed(2)
+    gallery = torch.randn(12, 16, 5, 5, generator=generator)
+    test = torch.randn(3, 16, 5, 5, generator=generator)
+    full = SPADE.fit([gallery[:7], gallery[7:]], image_neighbors=4, gallery_dtype=torch.float32)
+    half = SPADE.fit([gallery[:7], gallery[7:]], image_neighbors=4)
+    assert half.gallery.dtype == torch.float16 and half.gallery.nbytes == full.gallery.nbytes // 2
+    want = full.maps(test)["combined"]
+    assert (half.maps(test)["combined"] - want).abs().max() <= 2e-3 * want.abs().max()
+    assert torch.allclose(half.image_scores(test, {}), full.image_scores(test, {}))  # global features stay float32
