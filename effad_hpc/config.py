@@ -187,6 +187,10 @@ class ASTStudentConfig(TrainedStage):
     epochs: PositiveInt = 240
     loss_percentile: Annotated[float, Field(gt=0, le=1)] = 1.0
     """1.0 uses every element (AST and the thesis); 0.999 is EfficientAD's hard feature loss."""
+    teacher_targets: Literal["cached", "computed"] = "cached"
+    """``cached``: the frozen teacher's z of every sample is computed once, into a file in the
+    stage folder, instead of in every epoch (the same values up to float32 rounding across batch
+    sizes; see ``effad_hpc/training/targets.py``); ``computed``: by the teacher at every step."""
 
 
 class MapQuantiles(Section):

@@ -4,14 +4,21 @@ outputs within a stated tolerance (speed itself is measured by benchmarks/run.py
 from __future__ import annotations
 
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from effad_hpc.models import ASTTeacher
 from effad_hpc.models.detector import gaussian_smooth
 from effad_hpc.models.padim import PaDiM
 from effad_hpc.models.spade import SPADE
+from effad_hpc.training import read_log, stage_folder, train
+from effad_hpc.training.targets import TARGETS_FILE
+from tests.conftest import tiny_config
+from tests.test_training import SMALL_NETS
 
 
 @pytest.mark.parametrize("sigma, size", [(4.0, 64), (16.0, 256), (2.5, 37)])
@@ -56,3 +63,30 @@ def test_spade_float16_gallery_maps_equal_float32_within_2e_3():
     want = full.maps(test)["combined"]
     assert (half.maps(test)["combined"] - want).abs().max() <= 2e-3 * want.abs().max()
     assert torch.allclose(half.image_scores(test, {}), full.image_scores(test, {}))  # global features stay float32
+
+
+@pytest.mark.parametrize("model", ["efficientad_ast", "ast"])
+def test_cached_teacher_targets_train_the_student_as_computed_ones(model, synthetic_ad, tmp_path, monkeypatch):
+    """z computed once per sample instead of every epoch: the same validation losses within 1e-4
+    (relative), the teacher run once per sample, and no cache file left behind."""
+    section = "student" if model == "efficientad_ast" else "ast_student"
+    stage = "student_ae" if model == "efficientad_ast" else "student"
+    calls = []
+    forward = ASTTeacher.forward
+    monkeypatch.setattr(ASTTeacher, "forward", lambda self, features: calls.append(len(features)) or
+                        forward(self, features))
+    histories = {}
+    for targets in ("computed", "cached"):
+        config = tiny_config(synthetic_ad, tmp_path / targets, SMALL_NETS | {f"{section}.teacher_targets": targets})
+        train(config, model, "fabric", show_progress=False)  # the teacher stage too: its calls are counted
+        calls.clear()
+        folder = stage_folder(config, "fabric", stage)
+        shutil.rmtree(folder)
+        train(config, model, "fabric", show_progress=False)
+        histories[targets] = [float(row["validation"]) for row in read_log(folder)]
+        counted = sum(calls)
+        assert not (folder / TARGETS_FILE).exists()
+    samples = 6 + 2  # synthetic_ad fabric: 8 good training images, a quarter held out for validation
+    assert counted == samples  # cached: each sample once, for 4 epochs and 4 validation passes
+    assert np.allclose(histories["cached"], histories["computed"], rtol=1e-4, atol=0)
+    assert len(histories["cached"]) == 4

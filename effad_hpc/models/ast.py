@@ -6,8 +6,9 @@ adds a feature autoencoder and gives the student a second head that regresses th
 output, as EfficientAD does with images.
 
 Every model here offers the same interface to the training and evaluation layers:
-``losses(features, penalty_features=None) -> {"total": ..., <parts>}`` for the trained student
-stage and ``maps(features) -> {"combined": (B, h, w), <parts>}`` for inference.
+``losses(features, penalty_features=None, teacher_z=None) -> {"total": ..., <parts>}`` for the
+trained student stage (``teacher_z``: the teacher's output computed beforehand, else here)
+and ``maps(features) -> {"combined": (B, h, w), <parts>}`` for inference.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ class AST(_StudentTeacher):
         in_channels = feature_channels + self.teacher.positions.shape[0]
         self.student = ResidualStudent(in_channels, feature_channels, hidden_channels, residual_blocks)
 
-    def losses(self, features: torch.Tensor, penalty_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        z = self.teacher_z(features)
+    def losses(self, features: torch.Tensor, penalty_features: torch.Tensor | None = None,
+               teacher_z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        z = self.teacher_z(features) if teacher_z is None else teacher_z
         student = self.student(self.teacher.with_positions(features)).float()
         parts = {"st": hard_mse(z, student, self.loss_percentile)}
         if penalty_features is not None:
@@ -128,16 +130,18 @@ class EfficientADAST(_StudentTeacher):
         self.autoencoder = FeatureAutoencoder(in_channels, feature_channels, map_size, ae_channels,
                                               ae_upsampling_stages, ae_dropout)
 
-    def _outputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = self.teacher_z(features)
+    def _outputs(self, features: torch.Tensor, teacher_z: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.teacher_z(features) if teacher_z is None else teacher_z
         inputs = self.teacher.with_positions(features)
         student = self.student(inputs).float()
         reconstruction = self.autoencoder(inputs).float()
         channels = self.feature_channels
         return z, student[:, :channels], student[:, channels:], reconstruction
 
-    def losses(self, features: torch.Tensor, penalty_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        z, student_st, student_ae, reconstruction = self._outputs(features)
+    def losses(self, features: torch.Tensor, penalty_features: torch.Tensor | None = None,
+               teacher_z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        z, student_st, student_ae, reconstruction = self._outputs(features, teacher_z)
         parts = {
             "st": hard_mse(z, student_st, self.loss_percentile),
             "ae": (z - reconstruction).pow(2).mean(),

@@ -10,7 +10,7 @@ import torch
 from effad_hpc.config import PAPER_METHOD, ASTStudentConfig, ExperimentConfig
 from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError
-from effad_hpc.models import ASTTeacher, EfficientADAST, build_model
+from effad_hpc.models import AST, ASTTeacher, EfficientADAST, build_model
 from effad_hpc.models.map_normalization import quantiles_of_maps
 from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, load_state
 from effad_hpc.training.loop import StageRun, fit
@@ -33,6 +33,7 @@ from effad_hpc.training.sources import (
     open_source,
     penalty_folder,
 )
+from effad_hpc.training.targets import TargetedBatch, TeacherTargets
 from effad_hpc.utils.device import autocast, resolve_device
 
 
@@ -106,8 +107,22 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
     if model_name == "efficientad_ast" and config.student.map_normalization == "quantile":
         def finish() -> None:
             model.map_quantiles.copy_(validation_quantiles(model, source, settings.batch_size, config))
-    return fit(StageRun(stage, category, folder, key, settings, model, model.losses, source, config.seed,
-                        config.run.precision, penalty, finish), show_progress)
+    if settings.teacher_targets == "computed":
+        return fit(StageRun(stage, category, folder, key, settings, model, model.losses, source, config.seed,
+                            config.run.precision, penalty, finish), show_progress)
+    targets = TeacherTargets(folder, key, source, model.teacher, settings.batch_size)
+    record = fit(StageRun(stage, category, folder, key, settings, model, _with_targets(model), targets, config.seed,
+                          config.run.precision, penalty, finish), show_progress)
+    targets.remove()
+    return record
+
+
+def _with_targets(model: AST | EfficientADAST):
+    """The student's losses on a :class:`TargetedBatch`: the teacher's z comes with the features."""
+    def objective(batch: TargetedBatch, penalty: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return model.losses(batch.features, penalty, batch.teacher_z)
+
+    return objective
 
 
 @torch.no_grad()
