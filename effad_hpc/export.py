@@ -83,7 +83,7 @@ def export_detector(config: ExperimentConfig, model: str, category: str, fmt: Fo
     """Write the trained detector of ``model`` for ``category`` as one ``fmt`` file (default
     ``<run>/<model>/export/<category>.pt|.onnx``), checked against PyTorch before it is published."""
     out = Path(out) if out is not None else default_path(config, model, category, fmt)
-    module = InspectionModule(load_detector(config, model, category, torch.device("cpu")))
+    module = InspectionModule(load_detector(config, model, category, torch.device("cpu"), optimized=False))
     size = module.detector.image_size
     validation = load_category(config, category).samples("validation")
     check_images = torch.stack([ImageDataset(validation, size)[i % len(validation)]["image"] for i in range(batch)])

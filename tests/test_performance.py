@@ -11,11 +11,14 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from effad_hpc.errors import TrainingError
 from effad_hpc.models import ASTTeacher
 from effad_hpc.models.detector import gaussian_smooth
 from effad_hpc.models.padim import PaDiM
 from effad_hpc.models.spade import SPADE
 from effad_hpc.training import read_log, stage_folder, train
+from effad_hpc.training.artifacts import LAST_CHECKPOINT
+from effad_hpc.training.detector import untrained_detector
 from effad_hpc.training.targets import TARGETS_FILE
 from tests.conftest import tiny_config
 from tests.test_training import SMALL_NETS
@@ -90,3 +93,47 @@ def test_cached_teacher_targets_train_the_student_as_computed_ones(model, synthe
     assert counted == samples  # cached: each sample once, for 4 epochs and 4 validation passes
     assert np.allclose(histories["cached"], histories["computed"], rtol=1e-4, atol=0)
     assert len(histories["cached"]) == 4
+
+
+@pytest.mark.parametrize("model", ["efficientad_ast", "ast", "efficientad_s", "patchcore", "padim", "spade"])
+def test_channels_last_detector_equals_the_contiguous_one(model, synthetic_ad, tmp_path):
+    config = tiny_config(synthetic_ad, tmp_path, SMALL_NETS | {"efficientad.image_size": 64})
+    plain = untrained_detector(config, model, train_images=6)
+    fast = untrained_detector(config, model, train_images=6).optimize(channels_last=True)
+    images = torch.rand(2, 3, plain.image_size, plain.image_size, generator=torch.Generator().manual_seed(0))
+    want, got = plain(images), fast(images)
+    scale = want["maps"]["combined"].abs().max()
+    assert (got["maps"]["combined"] - want["maps"]["combined"]).abs().max() <= 1e-4 * scale
+    assert torch.allclose(got["score"], want["score"], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_detector_equals_the_eager_one(synthetic_ad, tmp_path):
+    """``inference.compile``: torch.compile with the weights frozen into the graph (EfficientAD-AST)."""
+    config = tiny_config(synthetic_ad, tmp_path, SMALL_NETS)
+    plain = untrained_detector(config, "efficientad_ast", train_images=6)
+    compiled = untrained_detector(config, "efficientad_ast", train_images=6).optimize(compile=True)
+    images = torch.rand(2, 3, plain.image_size, plain.image_size, generator=torch.Generator().manual_seed(1))
+    want, got = plain(images), compiled(images)
+    scale = want["maps"]["combined"].abs().max()
+    assert (got["maps"]["combined"] - want["maps"]["combined"]).abs().max() <= 1e-4 * scale
+    assert torch.allclose(got["score"], want["score"], rtol=1e-4, atol=1e-6)
+
+
+def test_persistent_loader_workers_train_as_the_main_process_does(synthetic_ad, tmp_path):
+    """``features.num_workers`` > 0: one set of worker processes for every epoch and validation
+    pass; the same sample order, hence the same training, as reading in the main process."""
+    histories = {}
+    for workers in (0, 2):
+        config = tiny_config(synthetic_ad, tmp_path / str(workers), SMALL_NETS | {"features.num_workers": workers})
+        train(config, "ast", "fabric", show_progress=False)
+        histories[workers] = [float(row["validation"]) for row in read_log(stage_folder(config, "fabric", "student"))]
+    assert histories[2] == pytest.approx(histories[0], rel=1e-6)
+
+
+def test_a_diverging_loss_fails_the_stage_and_keeps_the_last_checkpoint(synthetic_ad, tmp_path):
+    """The loss is checked once per epoch (no host synchronisation per step): a run that diverges
+    still ends with the named error, before the diverged epoch is checkpointed."""
+    config = tiny_config(synthetic_ad, tmp_path, SMALL_NETS | {"teacher.lr": 1e30})
+    with pytest.raises(TrainingError, match=r"training loss became (nan|inf) in epoch 1; try a lower teacher.lr"):
+        train(config, "ast", "fabric", show_progress=False)
+    assert not (stage_folder(config, "fabric", "teacher") / LAST_CHECKPOINT).exists()

@@ -62,12 +62,32 @@ class AnomalyDetector(nn.Module):
         self.extractor, self.model = extractor, model
         self.layers, self.preparation = list(layers), preparation
         self.image_size, self.score = image_size, score
+        self.memory_format = torch.contiguous_format
+        self._inputs, self._maps = self._prepared_inputs, self.model.maps
         self.eval()
 
-    def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
+    def optimize(self, channels_last: bool = True, compile: bool = False) -> AnomalyDetector:
+        """For inference with fixed weights: convolutions in the NHWC layout (``channels_last``), and
+        the backbone and the model's maps compiled by ``torch.compile`` with the weights frozen into
+        the graph (``compile``; the weights must not change afterwards)."""
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
+        if compile:
+            # Static shapes: the detector's size is fixed, and dynamo would otherwise turn a second
+            # detector's other size (the same code object) into symbolic shapes, which freezing refuses.
+            options = {"freezing": True}
+            self._inputs = torch.compile(self._prepared_inputs, dynamic=False, options=options)
+            self._maps = torch.compile(self.model.maps, dynamic=False, options=options)
+        return self
+
+    def _prepared_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=self.memory_format)
         if self.extractor is None:
             return images
         return PREPARATIONS[self.preparation](self.extractor(images), self.layers)
+
+    def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return self._inputs(images)
 
     @torch.no_grad()
     def grid_output(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
@@ -78,7 +98,7 @@ class AnomalyDetector(nn.Module):
     def grid_output_from(self, inputs: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """:meth:`grid_output` from model inputs made earlier by :meth:`model_inputs` (the
         backbone is frozen: images scored again and again need its features once)."""
-        maps = self.model.maps(inputs)
+        maps = self._maps(inputs)
         return maps, self.model.image_scores(inputs, maps)
 
     @torch.no_grad()

@@ -50,9 +50,11 @@ def as_detector(config: ExperimentConfig, model_name: str, model: nn.Module,
                            inputs.preparation)
 
 
-def load_detector(config: ExperimentConfig, model_name: str, category: str, device: torch.device) -> AnomalyDetector:
+def load_detector(config: ExperimentConfig, model_name: str, category: str, device: torch.device,
+                  optimized: bool = True) -> AnomalyDetector:
     """The trained model of this config and category with its backbone, in eval mode on ``device``:
-    the one home for loading a trained detector (evaluation, sweeps)."""
+    the one home for loading a trained detector (evaluation, sweeps, export). ``optimized``: in
+    the layout and compiled as ``inference`` asks (export traces the plain modules instead)."""
     final = recipe(model_name).stages[-1]
     folder = stage_folder(config, category, final)
     if completed_stage(config, final, category, verify=True) is None:
@@ -62,7 +64,10 @@ def load_detector(config: ExperimentConfig, model_name: str, category: str, devi
     built = model_input(config, model_name)
     model = recipe(model_name).build(config, built.channels, built.map_size, state)
     model.load_state_dict(state)
-    return as_detector(config, model_name, model, built.extractor).to(device).eval()
+    detector = as_detector(config, model_name, model, built.extractor).to(device).eval()
+    if optimized:
+        detector.optimize(config.inference.channels_last, config.inference.compile)
+    return detector
 
 
 def untrained_detector(config: ExperimentConfig, model_name: str, train_images: int = 200,
@@ -83,7 +88,9 @@ def untrained_detector(config: ExperimentConfig, model_name: str, train_images: 
     if model_name == "spade" and config.spade.global_layer is not None:
         raise ConfigError("untrained_detector: SPADE with a global_layer is not supported; time it without one")
     state = memory.get(model_name, dict)()
-    model = recipe(model_name).build(config, built.channels, built.map_size, state)
+    with torch.random.fork_rng(devices=[]):  # the same weights for the same config, the caller's RNG untouched
+        torch.manual_seed(config.seed)
+        model = recipe(model_name).build(config, built.channels, built.map_size, state)
     model.load_state_dict(state, strict=False)
     return as_detector(config, model_name, model, built.extractor).to(device).eval()
 

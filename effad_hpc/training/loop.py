@@ -137,22 +137,24 @@ def _train_epoch(run: StageRun, epoch: int, optimizer, scaler, progress: Progres
     n = run.source.size("train")
     order = torch.randperm(n, generator=seeded_generator(run.seed, run.stage, "order", epoch)).tolist()
     penalty_generator = seeded_generator(run.seed, run.stage, "penalty", epoch)
-    sums: dict[str, float] = {}
+    # Loss sums stay on the device: reading a value per step would wait for the GPU at every step.
+    sums: dict[str, torch.Tensor] = {}
     for features in run.source.batches("train", order, run.settings.batch_size):
         penalty = run.penalty.batch(penalty_generator, len(features)) if run.penalty else None
         with autocast(features.device, run.precision):
             losses = run.objective(features, penalty)
-        if not torch.isfinite(losses["total"]):
-            raise TrainingError(f"{run.stage} ({run.category}): loss is {float(losses['total'])} in epoch {epoch}; "
-                                f"try a lower {run.stage}.lr")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["total"]).backward()
         scaler.step(optimizer)
         scaler.update()
         for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + value.item() * len(features)
+            sums[name] = sums.get(name, 0.0) + value.detach().float() * len(features)
         progress.advance(task, len(features))
-    return {f"train_{name}": value / n for name, value in sums.items()}
+    means = {f"train_{name}": float(value) / n for name, value in sums.items()}
+    if not math.isfinite(means["train_total"]):  # checked once per epoch, before this epoch is checkpointed
+        raise TrainingError(f"{run.stage} ({run.category}): the training loss became {means['train_total']} in "
+                            f"epoch {epoch}; try a lower {run.stage}.lr (the checkpoint of epoch {epoch - 1} is kept)")
+    return means
 
 
 def fit(run: StageRun, show_progress: bool = True) -> StageRecord:

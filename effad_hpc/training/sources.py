@@ -32,6 +32,19 @@ def _batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
 
 
+class _PassOrder:
+    """A batch sampler whose batches are set before each pass, so one DataLoader serves them all."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class FeatureSource:
     """``batches(split, order, batch_size)`` yields feature tensors on the device, in ``order``."""
 
@@ -44,6 +57,7 @@ class FeatureSource:
         self.config, self.device = config, device
         self.layers = list(layers or config.backbone.layers)
         self.preparation = preparation
+        self._loaders: dict[int, DataLoader] = {}
 
     def _set_shape(self, layers: dict[str, tuple[int, int]]) -> None:
         """From {layer: (channels, map size)}: the prepared tensor's channels and grid side."""
@@ -59,8 +73,16 @@ class FeatureSource:
         raise NotImplementedError
 
     def _loader(self, dataset, order: Sequence[int], batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_sampler=_batches(order, batch_size),
-                          num_workers=self.config.features.num_workers, pin_memory=self.device.type == "cuda")
+        """One DataLoader per dataset for every pass: its worker processes (``features.num_workers``)
+        live across epochs and validation passes instead of starting again for each."""
+        loaders = self._loaders
+        if id(dataset) not in loaders:
+            workers = self.config.features.num_workers
+            loaders[id(dataset)] = DataLoader(dataset, batch_sampler=_PassOrder(), num_workers=workers,
+                                              persistent_workers=workers > 0, pin_memory=self.device.type == "cuda")
+        loader = loaders[id(dataset)]
+        loader.batch_sampler.batches = _batches(order, batch_size)  # read when the pass starts
+        return loader
 
 
 class StoredFeatures(FeatureSource):

@@ -111,7 +111,7 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
         run.prepare()
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     started = time.monotonic()
     with Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task(f"{run.category} {run.stage} steps", total=run.steps, completed=step)
@@ -119,9 +119,6 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
             run.model.train()
             with autocast(run.device, run.precision):
                 losses = run.losses(step, seeded_generator(run.seed, run.stage, "step", step))
-            if not torch.isfinite(losses["total"]):
-                raise TrainingError(f"{run.stage} ({run.category}): loss is {float(losses['total'])} at step "
-                                    f"{step + 1}; try a lower learning rate")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["total"]).backward()
             scaler.step(optimizer)
@@ -129,13 +126,17 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             scheduler.step()
             step += 1
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
+            for name, value in losses.items():  # on the device: no wait for the GPU at every step
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
             progress.advance(task)
             if step % run.checkpoint_every == 0 or step == run.steps:
                 steps_in_row = step - (history[-1]["step"] if history else 0)
                 row = {"step": step, "lr": lr}
-                row |= {f"train_{name}": value / steps_in_row for name, value in sums.items()}
+                row |= {f"train_{name}": float(value) / steps_in_row for name, value in sums.items()}
+                if not math.isfinite(row["train_total"]):  # before these steps are checkpointed
+                    raise TrainingError(f"{run.stage} ({run.category}): the training loss became "
+                                        f"{row['train_total']} by step {step}; try a lower learning rate (the "
+                                        f"checkpoint of step {step - steps_in_row} is kept)")
                 if run.validate is not None:
                     run.model.eval()
                     row["validation"] = run.validate()

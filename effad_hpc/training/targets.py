@@ -44,7 +44,7 @@ class TargetedBatch:
 
 def _complete(path: Path, key: str) -> bool:
     try:
-        with h5py.File(path, "r") as handle:
+        with h5py.File(path, "r", locking=False) as handle:
             return handle.attrs.get("key") == key
     except OSError:  # absent, or not a finished HDF5 file
         return False
@@ -53,7 +53,9 @@ def _complete(path: Path, key: str) -> bool:
 @torch.no_grad()
 def _write(path: Path, key: str, source: FeatureSource, teacher: ASTTeacher, batch_size: int) -> None:
     teacher.eval()
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+    # No HDF5 file locks: the feature source's persistent loader workers are forked while this file
+    # is open and keep the inherited lock; the stage's own lock already makes this file private.
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", locking=False) as handle:
         for split in SPLITS:
             if (count := source.size(split)) == 0:
                 continue  # the stage names the empty split
@@ -79,7 +81,7 @@ class TeacherTargets(FeatureSource):
 
     def _read(self, split: str, indices: Sequence[int]) -> torch.Tensor:
         if self._handle is None:
-            self._handle = h5py.File(self.path, "r")
+            self._handle = h5py.File(self.path, "r", locking=False)
         order = np.argsort(indices)
         rows = self._handle[split][np.asarray(indices)[order]]  # h5py reads increasing indices
         return torch.from_numpy(rows[np.argsort(order)]).to(self.device, non_blocking=True)

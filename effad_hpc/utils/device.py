@@ -44,6 +44,8 @@ def resolve_device(name: str = "auto", precision: Precision = "auto") -> torch.d
     if device.type == "cuda":
         check_build_architectures(torch.cuda.get_device_name(device), capability_of(device),
                                   torch.cuda.get_arch_list())
+        # every stage feeds fixed sizes: let cuDNN time its algorithms once per shape and keep the fastest
+        torch.backends.cudnn.benchmark = True
     compute_dtype(device, precision)
     return device
 
