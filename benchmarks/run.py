@@ -159,17 +159,44 @@ def state_bytes(module: torch.nn.Module) -> int:
     return buffer.tell()
 
 
-def child_peak_rss(argv: list[str], env: dict | None = None) -> tuple[int, float, str]:
-    """(peak RSS in bytes, seconds, output) of a child process, from the kernel's accounting of it."""
+PEAK_MARK = "PEAK_RSS_BYTES"
+
+
+def own_peak_rss() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries the
+    parent's peak over fork and exec, so a child started from this large process would report
+    at least this process's peak."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+def child_peak_rss(argv: list[str]) -> tuple[int, float, str]:
+    """(peak RSS in bytes, seconds, output) of ``python -m MODULE ARGS`` (``argv``: MODULE or a
+    script's path, then ARGS) in its own process, which reports its VmHWM when it ends."""
     start = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, **(env or {})})
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({process.returncode}):\n{output[-3000:]}")
-    return usage.ru_maxrss * 1024, time.perf_counter() - start, output
+    run = subprocess.run([sys.executable, __file__, "--peak-of-module", *argv], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"python -m {' '.join(argv)} failed ({run.returncode}):\n{run.stdout[-2000:]}"
+                           f"{run.stderr[-2000:]}")
+    peak = next(int(line.split()[1]) for line in run.stderr.splitlines() if line.startswith(PEAK_MARK))
+    return peak, time.perf_counter() - start, run.stdout
+
+
+def run_module_reporting_peak(module: str, args: list[str]) -> None:
+    """Run ``python -m MODULE ARGS`` (or a script, for a ``.py`` path) here, then report the peak."""
+    import runpy
+
+    sys.argv = [module, *args]
+    code = 0
+    try:
+        if module.endswith(".py"):
+            runpy.run_path(module, run_name="__main__")
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code
+    print(f"{PEAK_MARK} {own_peak_rss()}", file=sys.stderr)
+    sys.exit(code)
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -403,8 +430,7 @@ class Suite:
             path, config = self._training_config(self.work / f"data_rss{factor}", self.work / f"rss{factor}", images,
                                                  128)
             ensure_dataset(config)  # generated here: the child's peak is training's alone
-            peak, wall, _ = child_peak_rss([sys.executable, "-m", "effad_hpc", "train", "--config", str(path),
-                                            "--quiet"])
+            peak, wall, _ = child_peak_rss(["effad_hpc", "train", "--config", str(path), "--quiet"])
             rss[factor] = {"train_images": images, "peak_rss_bytes": peak, "seconds": wall}
         growth = rss[10]["peak_rss_bytes"] / rss[1]["peak_rss_bytes"]
         self.results["sections"]["training"] = {
@@ -468,7 +494,7 @@ class Suite:
     def memory(self) -> None:
         rows = []
         for model in ("padim", "spade"):
-            peak, wall, output = child_peak_rss([sys.executable, __file__, "--fit-child", model,
+            peak, wall, output = child_peak_rss([__file__, "--fit-child", model,
                                                  "--train-images", str(self.args.paper_images)])
             child = json.loads(output.strip().splitlines()[-1])
             rows.append({"model": model, "peak_rss_bytes": peak, "seconds": wall, **child})
@@ -526,6 +552,8 @@ def fit_child(model: str, train_images: int) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--peak-of-module"]:
+        run_module_reporting_peak(sys.argv[2], sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)

@@ -6,9 +6,11 @@ current (same feature key, checksum intact) and redoes the rest.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Full, Queue
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -77,10 +79,46 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def prefetched(batches: Iterable, depth: int = 2) -> Iterator:
+    """``batches`` produced by a background thread, up to ``depth`` ahead: images are decoded and
+    resized (Pillow releases the GIL) while the backbone runs on the previous batch. An error of
+    the producer is raised here, at the batch it concerns."""
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        queue.put(batch, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put(done)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            queue.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _extract_shard(backbone: Backbone, loader: DataLoader, writer: ShardWriter, infos: list[SampleInfo],
                    device: torch.device, precision: Precision, progress: Progress, task) -> None:
     np_dtype = writer.dtype
-    for batch in loader:
+    # worker processes already decode ahead; without them, a thread does
+    for batch in loader if loader.num_workers > 0 else prefetched(loader):
         with torch.no_grad(), autocast(device, precision):
             features = backbone.extractor(batch["image"].to(device, non_blocking=True))
         arrays = {name: f.float().cpu().numpy().astype(np_dtype) for name, f in features.items()}

@@ -17,7 +17,7 @@ from effad_hpc.models.base import AnomalyModel
 from effad_hpc.models.registry import register_model
 
 
-POSITION_CHUNK = 256
+POSITION_CHUNK = 64
 """Positions whose (dims x dims) blocks are updated or inverted at once."""
 
 
