@@ -202,3 +202,23 @@ def test_sweep_in_a_slurm_allocation_runs_a_ray_cluster_and_writes_its_summary(s
     assert (folder / "best_config.yaml").is_file()
     token = folder / "ray_auth_token"
     assert token.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("grace_period, reduction_factor", [(1, 2.0), (2, 3.0), (1, 2.5), (3, 1.5)])
+def test_trials_score_exactly_the_rounds_where_ashas_own_brackets_decide(grace_period, reduction_factor):
+    """Scoring only at ASHA's milestones (and at category ends) must hit every milestone Ray's
+    scheduler has, at the first round at or past it, and nothing in between."""
+    import math
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from effad_hpc.tune.trial import TrialSetup
+
+    scheduler = ASHAScheduler(time_attr="round", max_t=200, grace_period=grace_period,
+                              reduction_factor=reduction_factor)
+    milestones = {math.ceil(milestone) for milestone, _ in scheduler._brackets[0]._rungs}
+    setup = TrialSetup({}, "efficientad_ast", ["fabric"], "/tmp", "sweep", "val_synthetic_mean",
+                       (grace_period, reduction_factor))
+    assert {r for r in range(1, 201) if setup.scores_round(r)} == milestones
+    fifo = TrialSetup({}, "efficientad_ast", ["fabric"], "/tmp", "sweep", "val_synthetic_mean")
+    assert not any(fifo.scores_round(r) for r in range(1, 50))

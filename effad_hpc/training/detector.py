@@ -83,7 +83,7 @@ def untrained_detector(config: ExperimentConfig, model_name: str, train_images: 
                                                   generator=generator)},
         "padim": lambda: {"channel_index": torch.arange(min(config.padim.dims, built.channels))},
         "spade": lambda: {"gallery": torch.randn(train_images, built.channels, built.map_size, built.map_size,
-                                                 generator=generator)},
+                                                 generator=generator).to(getattr(torch, config.spade.gallery_dtype))},
     }
     if model_name == "spade" and config.spade.global_layer is not None:
         raise ConfigError("untrained_detector: SPADE with a global_layer is not supported; time it without one")

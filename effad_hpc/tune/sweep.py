@@ -141,7 +141,9 @@ def run_sweep(config: ExperimentConfig, spec: SweepSpec, spec_path: Path, addres
     try:
         grids = {}
         for model in spec.models:
-            setup = TrialSetup(base, model, categories, str(folder), folder.name, spec.objective)
+            asha = spec.scheduler
+            setup = TrialSetup(base, model, categories, str(folder), folder.name, spec.objective,
+                               (asha.grace_period, asha.reduction_factor) if asha.kind == "asha" else None)
             grids[model] = (setup, tune_model(setup, spec, storage, resume))
         return write_outputs(folder, spec, grids, console)
     finally:

@@ -1,5 +1,6 @@
 """One sweep trial: a config with the trial's values, trained label-free, scored on the
-synthetic-anomaly validation set at every validation pass of its final stage, reported to Tune.
+synthetic-anomaly validation set at the validation passes of its final stage where ASHA decides
+(and at the end of every category), reported to Tune.
 
 A trial's run folder is ``<sweep>/trials/<trial id>/``: its ``config.yaml``, ``trial.json``
 with every report and the number of tries, and later its test evaluation. Its features and
@@ -56,6 +57,20 @@ class TrialSetup:
     sweep_dir: str
     sweep_name: str
     objective: str
+    asha_milestones: tuple[int, float] | None = None
+    """ASHA's (grace period, reduction factor): passes are scored and reported only at the rounds
+    where ASHA decides, and at the end of each category; None (FIFO): only at the ends."""
+
+    def scores_round(self, round_: int) -> bool:
+        """Whether ASHA decides at this round: the first at or past a milestone g * r^k. ASHA records
+        a trial's first result at or past each milestone, so reporting these rounds alone leaves its
+        decisions as they would be with a report at every pass, at a fraction of the scoring."""
+        if self.asha_milestones is None:
+            return False
+        milestone, factor = self.asha_milestones
+        while math.ceil(milestone) < round_:
+            milestone *= factor
+        return math.ceil(milestone) == round_
 
     @property
     def shared_dir(self) -> Path:
@@ -115,11 +130,13 @@ class TrialReporter:
     def __call__(self, event: Validated) -> None:
         if event.stage != self.final_stage or event.category != self.category:
             return  # an upstream stage (the teacher): not yet the model the trial is about
+        self.rounds_in_category = event.round
+        if not self.setup.scores_round(self.round_base + event.round):
+            return  # no scheduler decision at this pass: the synthetic set is not scored
         if event.ready is not None:
             event.ready()
         metrics = self._score(event.model)
         event.row.update(metrics)  # next to the validation loss in log.csv
-        self.rounds_in_category = event.round
         self._report(metrics, self.round_base + event.round, final=False)
 
     def finish(self, category: str, last: bool) -> None:
