@@ -148,7 +148,9 @@ AccountingStoragePort=$dbd_port
 AccountingStoragePass=$sock
 JobCompType=jobcomp/none
 JobRequeue=1
-MinJobAge=300
+# The controller keeps ended jobs for an hour: accounting can lag behind it (a job cancelled while
+# it waited on a dependency was once missing from sacct after 5 min in CI), and some tests run longer.
+MinJobAge=3600
 SchedulerType=sched/backfill
 SlurmctldTimeout=30
 SlurmdTimeout=30

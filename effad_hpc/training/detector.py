@@ -101,7 +101,7 @@ def predict(detector: AnomalyDetector, samples: Sequence[Sample], config: Experi
     loader = DataLoader(ImageDataset(samples, detector.image_size), batch_size=config.inference.batch_size,
                         num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
     for batch in loader:
-        with autocast(device, config.run.precision):
+        with torch.inference_mode(), autocast(device, config.run.precision):
             output = detector(batch["image"].to(device, non_blocking=True))
         yield batch["index"].tolist(), {"maps": {k: v.float().cpu() for k, v in output["maps"].items()},
                                         "score": output["score"].float().cpu()}
