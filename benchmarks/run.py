@@ -219,12 +219,16 @@ class Suite:
                              "met": bool(measured <= goal if unit.startswith("<=") else measured >= goal),
                              "note": note})
 
-    def forward(self, detector: AnomalyDetector, images: torch.Tensor) -> Callable[[], object]:
-        def call():
+    def inferring(self, call: Callable[[], object]) -> Callable[[], object]:
+        """``call`` as inference runs: inference mode, autocast in the suite's precision."""
+        def run():
             with torch.inference_mode(), autocast(self.device, self.precision):
-                return detector(images)
+                return call()
 
-        return call
+        return run
+
+    def forward(self, detector: AnomalyDetector, images: torch.Tensor) -> Callable[[], object]:
+        return self.inferring(lambda: detector(images))
 
     def images(self, size: int, batch: int) -> torch.Tensor:
         return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(self.device)
@@ -235,33 +239,19 @@ class Suite:
         config = self.config("demo.yaml")
         peak = gemm_gflops(self.device)
         measures: dict[str, Callable[[], float]] = {"gemm": peak}
-        detectors, info = {}, {}
+        info, latencies = {}, {}  # latencies: every batch-1 call, the warm-up round first
         for model in self.args.models:
             detector = untrained_detector(config, model, self.args.train_images, self.device).optimize(
                 config.inference.channels_last, config.inference.compile)  # as evaluation runs it
             size = detector.image_size
             single, batch = self.images(size, 1), self.images(size, self.args.batch)
-            detectors[model] = detector
             with PeakMemory(self.device) as memory:
                 self.forward(detector, batch)()
             info[model] = {"image_size": size, "flops_per_image": counted_flops(self.forward(detector, single)),
                            "peak_memory_bytes": memory.peak_bytes, "model_pt_bytes": state_bytes(detector.model)}
-            repeats = self.args.repeats
-            measures[f"{model}/1"] = (lambda d=detector, x=single: statistics.median(
-                seconds(self.forward(d, x), self.device) for _ in range(repeats)))
+            measures[f"{model}/1"] = self._batch1(self.forward(detector, single), latencies.setdefault(model, []))
             measures[f"{model}/{self.args.batch}"] = (lambda d=detector, x=batch: seconds(self.forward(d, x),
                                                                                           self.device))
-        latencies = {model: [] for model in self.args.models}
-
-        def recording(model: str, measure: Callable[[], float]) -> Callable[[], float]:
-            def run() -> float:
-                value = measure()
-                latencies[model].append(value)
-                return value
-            return run
-
-        for model in self.args.models:
-            measures[f"{model}/1"] = recording(model, measures[f"{model}/1"])
         values = alternate(measures, self.args.rounds)
         gemm = statistics.median(values["gemm"])
         rows = []
@@ -272,7 +262,7 @@ class Suite:
             rows.append({"model": model, **info[model], "images_per_s_batch1": 1 / one,
                          f"images_per_s_batch{self.args.batch}": 1 / many,
                          "latency_ms_median": 1000 * one,
-                         "latency_ms_p90": 1000 * float(np.percentile(latencies[model][1:], 90)),
+                         "latency_ms_p90": 1000 * float(np.percentile(latencies[model][self.args.repeats:], 90)),
                          "gflop_per_image": flops / 1e9,
                          "percent_of_gemm_peak": 100 * flops / many / 1e9 / gemm})
         self.results["sections"]["models"] = {"config": "configs/demo.yaml", "gemm_gflops": gemm, "rows": rows}
@@ -286,6 +276,15 @@ class Suite:
                   f"{r[f'images_per_s_batch{self.args.batch}']:>10.1f}{r['latency_ms_median']:>9.1f}"
                   f"{r['latency_ms_p90']:>9.1f}{r['gflop_per_image']:>8.2f}{r['percent_of_gemm_peak']:>8.1f}"
                   f"{r['peak_memory_bytes'] / 2**20:>10.0f}{r['model_pt_bytes'] / 2**20:>14.1f}")
+
+    def _batch1(self, call: Callable[[], object], calls: list[float]) -> Callable[[], float]:
+        """A measure: the median of ``--repeats`` batch-1 calls, each call's seconds kept in ``calls``."""
+        def measure() -> float:
+            times = [seconds(call, self.device) for _ in range(self.args.repeats)]
+            calls.extend(times)
+            return statistics.median(times)
+
+        return measure
 
     # ratio and components --------------------------------------------------------------------
 
@@ -342,13 +341,8 @@ class Suite:
                 ae = (reconstruction - student[:, channels:]).pow(2).mean(dim=1)
                 return hybrid.to_size({"combined": 0.5 * st + 0.5 * ae}, size)
 
-            def part(call: Callable[[], object]) -> Callable[[], object]:
-                def run():
-                    with torch.inference_mode(), autocast(self.device, self.precision):
-                        return call()
-                return run
-
             small_images = self.images(small.image_size, 1)
+            part = self.inferring
             parts = {
                 "backbone": part(lambda: hybrid.model_inputs(images)),
                 "flow teacher": part(lambda: model.teacher(features)),

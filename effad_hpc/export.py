@@ -33,7 +33,6 @@ from effad_hpc.data import ImageDataset, load_category
 from effad_hpc.errors import EffadError
 from effad_hpc.evaluation import results_dir
 from effad_hpc.models import AnomalyDetector
-from effad_hpc.models.detector import image_scores
 from effad_hpc.training import load_detector
 from effad_hpc.utils.atomic import atomic_path
 
@@ -59,11 +58,9 @@ class InspectionModule(nn.Module):
         self.detector = detector.cpu().eval()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        detector = self.detector
-        grid, scores = detector.grid_output(images)
-        combined = detector.to_size({"combined": grid["combined"]}, (detector.image_size, detector.image_size))
-        anomaly_map = combined["combined"]
-        return anomaly_map, scores if scores is not None else image_scores(anomaly_map, detector.score)
+        # the part maps it also resizes are unused outputs, which both exporters drop from the graph
+        output = self.detector(images)
+        return output["maps"]["combined"], output["score"]
 
 
 @dataclass(frozen=True)

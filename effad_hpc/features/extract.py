@@ -6,11 +6,10 @@ current (same feature key, checksum intact) and redoes the rest.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Full, Queue
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -79,39 +78,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def prefetched(batches: Iterable, depth: int = 2) -> Iterator:
-    """``batches`` produced by a background thread, up to ``depth`` ahead: images are decoded and
-    resized (Pillow releases the GIL) while the backbone runs on the previous batch. An error of
-    the producer is raised here, at the batch it concerns."""
-    queue: Queue = Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                while not stop.is_set():
-                    try:
-                        queue.put(batch, timeout=0.1)
-                        break
-                    except Full:
-                        continue
-                if stop.is_set():
-                    return
-            queue.put(done)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            queue.put(exc)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while (item := queue.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+def prefetched(batches: Iterable) -> Iterator:
+    """``batches`` with the next one produced by a background thread while the caller works on
+    the current one: images are decoded and resized (Pillow releases the GIL) while the backbone
+    runs. A producer's error is raised here, at the batch it concerns."""
+    iterator, end = iter(batches), object()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, iterator, end)
+        while (batch := pending.result()) is not end:
+            pending = pool.submit(next, iterator, end)
+            yield batch
 
 
 def _extract_shard(backbone: Backbone, loader: DataLoader, writer: ShardWriter, infos: list[SampleInfo],

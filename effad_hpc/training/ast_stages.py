@@ -107,13 +107,14 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
     if model_name == "efficientad_ast" and config.student.map_normalization == "quantile":
         def finish() -> None:
             model.map_quantiles.copy_(validation_quantiles(model, source, settings.batch_size, config))
-    if settings.teacher_targets == "computed":
-        return fit(StageRun(stage, category, folder, key, settings, model, model.losses, source, config.seed,
-                            config.run.precision, penalty, finish), show_progress)
-    targets = TeacherTargets(folder, key, source, model.teacher, settings.batch_size)
-    record = fit(StageRun(stage, category, folder, key, settings, model, _with_targets(model), targets, config.seed,
+    targets = None
+    if settings.teacher_targets == "cached":
+        targets = TeacherTargets(folder, key, source, model.teacher, settings.batch_size)
+    record = fit(StageRun(stage, category, folder, key, settings, model,
+                          model.losses if targets is None else _with_targets(model), targets or source, config.seed,
                           config.run.precision, penalty, finish), show_progress)
-    targets.remove()
+    if targets is not None:
+        targets.remove()
     return record
 
 
