@@ -55,7 +55,8 @@ class InspectionModule(nn.Module):
 
     def __init__(self, detector: AnomalyDetector):
         super().__init__()
-        self.detector = detector.cpu().eval()
+        self.detector = detector.cpu()
+        self.eval()  # the exporters read the wrapper's own mode too
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the part maps it also resizes are unused outputs, which both exporters drop from the graph
