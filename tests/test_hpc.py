@@ -261,3 +261,29 @@ def test_a_failing_category_does_not_stop_the_others(synthetic_ad, tmp_path):
     log = states[("washer", "extract")].log
     assert f"washer extract: FAILED: log {log}" in " ".join(out.stdout.split())
     assert str(broken) in open(log).read()  # the log names the file at fault
+
+
+def _slurm_clients(folder, squeue: str, sacct: str) -> str:
+    """A PATH whose squeue and sacct print the given lines and exit as given ("lines|code")."""
+    folder.mkdir(exist_ok=True)
+    for name, answer in (("squeue", squeue), ("sacct", sacct)):
+        lines, code = answer.rsplit("|", 1)
+        script = folder / name
+        script.write_text(f"#!/bin/sh\nprintf '{lines}'\nexit {code}\n")
+        script.chmod(0o755)
+    return f"{folder}:/usr/bin:/bin"
+
+
+def test_a_job_missing_while_a_slurm_client_fails_is_waited_for_not_taken_as_gone(tmp_path, monkeypatch):
+    # A busy controller answers squeue with a socket timeout (exit 1, nothing on stdout) while the
+    # accounting has not recorded a just-cancelled job yet. Once happened in CI: the job was taken
+    # for gone (UNKNOWN) and the waiting ended early.
+    from effad_hpc.hpc.status import _slurm_states
+
+    monkeypatch.setenv("PATH", _slurm_clients(tmp_path / "busy", squeue="|1", sacct="41|COMPLETED|00:01:02\\n|0"))
+    busy = _slurm_states(["41", "42_0"])
+    assert busy.of("41") == ("COMPLETED", "00:01:02") and busy.of("42_0") == ("PENDING", "")
+    monkeypatch.setenv("PATH", _slurm_clients(tmp_path / "both", squeue="42_0|CANCELLED|0:00\\n|0", sacct="|0"))
+    assert _slurm_states(["41", "42_0"]).of("42_0") == ("CANCELLED", "0:00")
+    monkeypatch.setenv("PATH", _slurm_clients(tmp_path / "gone", squeue="|0", sacct="|0"))
+    assert _slurm_states(["41", "42_0"]).of("42_0") == ("UNKNOWN", "")

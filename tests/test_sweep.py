@@ -204,6 +204,58 @@ def test_sweep_in_a_slurm_allocation_runs_a_ray_cluster_and_writes_its_summary(s
     assert token.stat().st_mode & 0o777 == 0o600
 
 
+def _finished_trial(folder: Path) -> Path | None:
+    for record in folder.glob("trials/*/trial.json"):
+        reports = json.loads(record.read_text())["reports"]
+        if reports and reports[-1]["final"]:
+            return record
+    return None
+
+
+@pytest.mark.slurm
+def test_a_preempted_sweep_allocation_is_requeued_and_finishes_without_redoing_a_trial(slurm_cluster, tmp_path,
+                                                                                        synthetic_ad):
+    config_path, spec = _files(tmp_path, synthetic_ad, {
+        "scheduler": {"kind": "fifo"}, "num_samples": 2, "max_concurrent": 1, "top_k": 1,
+        "space": {"student.hidden_channels": {"choice": [8, 16]}}}, {"student.epochs": 30})
+    folder = tmp_path / "run" / "sweeps" / "sweep"
+    driver = subprocess.Popen([sys.executable, "-m", "effad_hpc", "sweep", "--config", str(config_path), "--space",
+                               str(spec), "--executor", "slurm", "--profile",
+                               str(REPO / "slurm" / "profiles" / "local.yaml"), "--poll", "2"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job_id = None
+    try:
+        deadline = time.monotonic() + 600
+        while (finished := _finished_trial(folder)) is None:
+            assert time.monotonic() < deadline and driver.poll() is None, driver.communicate()[0]
+            time.sleep(1)
+        before = (finished.read_text(), finished.stat().st_mtime_ns)
+        [job_id] = [p.name for p in (folder / "logs").iterdir() if p.name.isdigit()]
+        # What a preemption does (submitit's own test hook): SIGTERM, then USR2 -> requeue.
+        for signal_name in ("SIGTERM", "USR2"):
+            subprocess.run(["scancel", job_id, "--signal", signal_name], check=True)
+        # A requeued job waits for its begin time (about two minutes); let it start now.
+        deadline = time.monotonic() + 120
+        while "PENDING" not in subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                                              text=True).stdout:
+            assert time.monotonic() < deadline and driver.poll() is None, driver.communicate()[0]
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        output, _ = driver.communicate(timeout=900)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        if job_id and driver.returncode:
+            subprocess.run(["scancel", "--full", job_id], check=False)
+    logs = "\n".join(p.read_text()[-3000:] for p in folder.glob("logs/*/*.err"))
+    assert driver.returncode == 0, output + logs
+    assert "this job is preempted" in logs and "requeued; continuing the experiment" in logs, logs
+    rows = _summary(folder)
+    assert len(rows) == 2 and {row["status"] for row in rows} == {"done"}
+    assert sum(bool(row["test_image_auroc"]) for row in rows) == 1
+    assert (finished.read_text(), finished.stat().st_mtime_ns) == before  # not trained again
+
+
 @pytest.mark.parametrize("grace_period, reduction_factor", [(1, 2.0), (2, 3.0), (1, 2.5), (3, 1.5)])
 def test_trials_score_exactly_the_rounds_where_ashas_own_brackets_decide(grace_period, reduction_factor):
     """Scoring only at ASHA's milestones (and at category ends) must hit every milestone Ray's

@@ -46,39 +46,48 @@ class NodeState:
 
 
 def _query(command: list[str]) -> list[str] | None:
-    """Output lines of a Slurm client, or None when it could not answer (not installed, hung)."""
+    """Output lines of a Slurm client, or None when it could not answer (not installed, hung, or
+    an error such as a busy controller's socket timeout, where it prints nothing and exits 1)."""
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.splitlines()
+    return out.stdout.splitlines() if out.returncode == 0 else None
 
 
-def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
-    """Job or array task id -> (state, elapsed), None when neither sacct nor squeue answered.
+@dataclass
+class SlurmStates:
+    """What Slurm said of a run's jobs: job or array task id -> (state, elapsed)."""
 
-    The controller (``squeue``) is asked after the accounting (``sacct``) and wins: accounting
-    lags behind it (a running array task still shows as pending there) and may miss a job for a
-    while, and the controller forgets a job a few minutes after it ended (MinJobAge)."""
+    states: dict[str, tuple[str, str]]
+    both_answered: bool  # a job neither client lists is known to be gone only when both answered
+
+    def of(self, task: str) -> tuple[str, str]:
+        found = self.states.get(task) or self.states.get(task.split("_")[0])
+        if found:
+            return found
+        # Not listed while a client failed to answer: the job may only be out of the answering
+        # client's view for now (accounting lags behind the controller), so keep waiting.
+        return (UNKNOWN, "") if self.both_answered else (PENDING, "")
+
+
+def _slurm_states(job_ids: list[str]) -> SlurmStates:
+    """The accounting's (``sacct``) and the controller's (``squeue``) view of the jobs.
+
+    The controller is asked after the accounting and wins: accounting lags behind it (a running
+    array task still shows as pending there) and may miss a job for a while, and the controller
+    forgets a job a while after it ended (MinJobAge)."""
     if not job_ids:
-        return {}
+        return SlurmStates({}, both_answered=True)
     jobs = ",".join(sorted({j.split("_")[0] for j in job_ids}))
     accounting = _query(["sacct", "-n", "-P", "-X", "-j", jobs, "-o", "JobID,State,Elapsed"])
     controller = _query(["squeue", "-h", "-r", "-t", "all", "-j", jobs, "-o", "%i|%T|%M"])
-    if accounting is None and controller is None:
-        return None
     states: dict[str, tuple[str, str]] = {}
     for line in (accounting or []) + (controller or []):
         job, state, elapsed = (line.split("|") + ["", ""])[:3]
         key = job.split("_[")[0]  # "123_[4-7]": tasks not started yet
         states[key] = (state.split()[0] if state else PENDING, elapsed)
-    return states
-
-
-def _task_state(states: dict[str, tuple[str, str]] | None, task: str) -> tuple[str, str]:
-    if states is None:  # Slurm did not answer this time: keep waiting
-        return PENDING, ""
-    return states.get(task) or states.get(task.split("_")[0]) or (UNKNOWN, "")
+    return SlurmStates(states, both_answered=accounting is not None and controller is not None)
 
 
 def _combined_state(states: list[tuple[str, str]]) -> tuple[str, str]:
@@ -136,7 +145,7 @@ def run_states(config: ExperimentConfig, models: list[str] | None = None) -> lis
         job_id, log = job["job_id"], _log_path(job["log_folder"], job["job_id"])
         if submission["executor"] == "slurm":
             tasks = job["tasks"] if isinstance(job.get("tasks"), list) and job["tasks"] else [job_id]
-            state, elapsed = _combined_state([_task_state(slurm, task) for task in tasks])
+            state, elapsed = _combined_state([slurm.of(task) for task in tasks])
             if state == "COMPLETED":  # the job ended but left no complete marker
                 state = FAILED
             states.append(NodeState(node, state, job_id, elapsed, log))

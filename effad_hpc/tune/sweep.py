@@ -18,7 +18,9 @@ final objective) evaluated on the test split, and only then are test metrics wri
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import ray
@@ -136,8 +138,13 @@ def run_sweep(config: ExperimentConfig, spec: SweepSpec, spec_path: Path, addres
     storage = folder / "ray"
     # Trials log to their own files; Ray's dashboard and usage report are no use in a batch job.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    caller_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
              ignore_reinit_error=True)
+    if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
+        # ray.init turns SIGTERM into an exit; a batch job's own handler stays: submitit ignores
+        # the SIGTERM that comes before a preemption's USR2, on which it requeues the allocation.
+        signal.signal(signal.SIGTERM, caller_sigterm)
     try:
         grids = {}
         for model in spec.models:
