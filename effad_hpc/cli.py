@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True, type=Path, help="sweep file (see configs/sweeps/)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="local: Ray on this machine (or --address); slurm: one allocation running a Ray cluster")
-    p.add_argument("--address", help="HOST:PORT of a running Ray cluster (default: start Ray here)")
+    p.add_argument("--address",
+                   help="HOST:PORT of a running Ray cluster (default: a private Ray here; RAY_ADDRESS is not used)")
     p.add_argument("--profile", type=Path, help="cluster profile YAML for --executor slurm (default: run.profile)")
     p.add_argument("--resume", action="store_true", help="finish a sweep whose driver was stopped")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between state updates (--executor slurm)")

@@ -126,7 +126,7 @@ def tune_model(setup: TrialSetup, spec: SweepSpec, storage: Path, resume: bool):
 
 def run_sweep(config: ExperimentConfig, spec: SweepSpec, spec_path: Path, address: str | None = None,
               resume: bool = False, console: Console | None = None) -> SweepResult:
-    """Check the space, search it on Ray (local, or the cluster at ``address``), evaluate the best
+    """Check the space, search it on Ray (a private local one, or the cluster at ``address``), evaluate the best
     trials on test and write the summary, the best config, the plots and the leaderboard."""
 
     console = console or Console(stderr=True)
@@ -139,8 +139,11 @@ def run_sweep(config: ExperimentConfig, spec: SweepSpec, spec_path: Path, addres
     # Trials log to their own files; Ray's dashboard and usage report are no use in a batch job.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     caller_sigterm = signal.getsignal(signal.SIGTERM)
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             ignore_reinit_error=True)
+    # Without an address, a private Ray here: Ray's own default would join whatever RAY_ADDRESS or
+    # the last `ray start` on this machine names (a stale one once made every local sweep of a CI
+    # run wait for a cluster long gone).
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+             configure_logging=False, ignore_reinit_error=True)
     if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
         # ray.init turns SIGTERM into an exit; a batch job's own handler stays: submitit ignores
         # the SIGTERM that comes before a preemption's USR2, on which it requeues the allocation.
