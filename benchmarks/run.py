@@ -456,7 +456,8 @@ class Suite:
         samples = [s for split in ("train", "validation", "test") for s in data.samples(split)]
         dataset = ImageDataset(samples, 256)
         images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-        extractor = build_backbone(config.backbone).extractor.to(self.device)
+        # the backbone as extraction runs it (folded batch norms, NHWC): the ratio is what the stage adds
+        extractor = build_backbone(config.backbone).extractor.to(self.device).optimize(config.inference.channels_last)
 
         def bare() -> float:
             def run():

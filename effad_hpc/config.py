@@ -350,8 +350,9 @@ class InferenceConfig(Section):
     """Image score from the combined anomaly map."""
     batch_size: PositiveInt = 8
     channels_last: bool = True
-    """Trained detectors compute in the NHWC layout (oneDNN's and cuDNN's fast convolutions: 1.3-1.5x
-    on a CPU); the same values up to float32 rounding."""
+    """Trained detectors, and the backbone in feature extraction, compute in the NHWC layout
+    (oneDNN's and cuDNN's fast convolutions: 1.3-1.5x on a CPU); the same values up to float32
+    rounding."""
     compile: bool = False
     """``torch.compile`` the backbone and the model's maps (weights frozen into the graph; up to 2x
     on a CPU for EfficientNet backbones) after a compilation of about a minute per process."""

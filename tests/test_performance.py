@@ -11,7 +11,9 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from effad_hpc.config import BackboneConfig
 from effad_hpc.errors import TrainingError
+from effad_hpc.features.backbones import FeatureExtractor, build_backbone, fold_batch_norms
 from effad_hpc.models import AnomalyDetector, ASTTeacher
 from effad_hpc.models.detector import gaussian_smooth
 from effad_hpc.models.padim import PaDiM
@@ -136,3 +138,59 @@ def test_a_diverging_loss_fails_the_stage_and_keeps_the_last_checkpoint(syntheti
     with pytest.raises(TrainingError, match=r"training loss became (nan|inf) in epoch 1; try a lower teacher.lr"):
         train(config, "ast", "fabric", show_progress=False)
     assert not (stage_folder(config, "fabric", "teacher") / LAST_CHECKPOINT).exists()
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+    """Running statistics and affine terms far from the identity, so that a wrong fold shows."""
+    generator = torch.Generator().manual_seed(1)
+    for norm in model.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            size = norm.num_features
+            norm.running_mean.copy_(torch.randn(size, generator=generator))
+            norm.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            norm.weight.data.copy_(torch.randn(size, generator=generator))
+            norm.bias.data.copy_(torch.randn(size, generator=generator))
+
+
+@pytest.mark.parametrize("name, layers", [("tf_efficientnet_lite0", ["blocks.2", "blocks.4"]),
+                                          ("resnet18", ["layer2", "layer3"])])
+def test_folded_batch_norms_give_the_backbones_features_and_can_be_undone(name, layers):
+    extractor = build_backbone(BackboneConfig(name=name, layers=layers, pretrained=False)).extractor
+    _randomize_norms(extractor.model)
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in extractor.model.state_dict().items()}
+    with torch.no_grad():
+        want = extractor(images)
+        undo = fold_batch_norms(extractor.model)
+        got = extractor(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.model.modules())
+    for layer in layers:
+        assert (got[layer] - want[layer]).abs().max() <= 1e-4 * want[layer].abs().max()
+    undo()
+    after = extractor.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_norm_that_does_not_follow_its_convolution_is_left_unfolded():
+    """Registration order is not data flow: here the norm runs before the convolution, so folding it
+    would change the features; optimize() checks on a probe and keeps the model as it was."""
+
+    class NormFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.norm(x))
+
+    model = torch.nn.Sequential()
+    model.add_module("block", NormFirst())
+    _randomize_norms(model)
+    extractor = FeatureExtractor(model, ["block"], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = extractor(images)["block"]
+        got = extractor.optimize(channels_last=True)(images)["block"]
+    assert isinstance(model.block.norm, torch.nn.BatchNorm2d)
+    assert torch.allclose(got, want, atol=1e-6)

@@ -25,11 +25,13 @@ def backbone_reference(config, category, split):
 
     Batches are formed as the extractor forms them (per shard, ``features.batch_size``): CPU
     convolution kernels differ with the batch size in the last bits, and the store must hold
-    exactly what the backbone returned.
+    exactly what the backbone returned. The backbone runs as extraction runs it: batch norms
+    folded, in the layout ``inference.channels_last`` names (tests/test_performance.py checks that
+    against the unfolded NCHW forward).
     """
     samples = load_category(config, category).samples(split)
     dataset = ImageDataset(samples, config.data.image_size)
-    extractor = build_backbone(config.backbone).extractor
+    extractor = build_backbone(config.backbone).extractor.optimize(config.inference.channels_last)
     outputs = []
     for shard in range(config.features.shards):
         lo, hi = shard_bounds(len(samples), shard, config.features.shards)
@@ -37,7 +39,7 @@ def backbone_reference(config, category, split):
             stop = min(hi, start + config.features.batch_size)
             images = torch.stack([dataset[i]["image"] for i in range(start, stop)])
             with torch.no_grad():
-                outputs.append({k: v.numpy() for k, v in extractor(images).items()})
+                outputs.append({k: v.contiguous().numpy() for k, v in extractor(images).items()})
     return {layer: np.concatenate([o[layer] for o in outputs]) for layer in config.backbone.layers}, samples
 
 

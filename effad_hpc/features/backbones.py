@@ -11,12 +11,14 @@ are read off the same probe and cross-checked with timm's ``feature_info`` where
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import timm
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from effad_hpc.config import BackboneConfig
 from effad_hpc.errors import ConfigError
@@ -44,6 +46,7 @@ class FeatureExtractor(nn.Module):
         self.layers = list(layers)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.memory_format = torch.contiguous_format
         self.model.requires_grad_(False)
         self.eval()
 
@@ -64,11 +67,56 @@ class FeatureExtractor(nn.Module):
                 out[path] = x
         return x
 
+    def optimize(self, channels_last: bool = True) -> FeatureExtractor:
+        """For the frozen forward passes of extraction and inference: batch norms folded into their
+        convolutions (:func:`fold_batch_norms`, checked on a probe image against the unfolded
+        forward), then the NHWC layout when ``channels_last``. Lite0 at 256 px on a CPU: 1.8x in
+        all against NCHW, of which 1.25x is the folding (a batch norm over NHWC is a slow pass)."""
+        probe = torch.rand(1, 3, PROBE_SIZE, PROBE_SIZE, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(self.mean.device)
+        with torch.no_grad():
+            reference = self(probe)
+            undo = fold_batch_norms(self.model)
+            folded = self(probe)
+        for layer, expected in reference.items():
+            tolerance = 1e-4 * max(expected.abs().max().item(), 1e-6)
+            if not torch.allclose(folded[layer], expected, rtol=0, atol=tolerance):
+                undo()  # a norm that did not follow its convolution after all: correct and slower
+                break
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return self.to(memory_format=self.memory_format)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = (images - self.mean) / self.std
+        x = (images.contiguous(memory_format=self.memory_format) - self.mean) / self.std
         out: dict[str, torch.Tensor] = {}
         self._run(self.model, "", x, set(self.layers), out)
         return {name: out[name] for name in self.layers}
+
+
+def fold_batch_norms(model: nn.Module) -> Callable[[], None]:
+    """Fold each batch norm into the convolution registered just before it in the same parent (as
+    timm's EfficientNets and ResNets build their blocks: conv, then norm): the convolution's weight
+    and bias take the norm's running statistics and affine terms, and the norm leaves only its
+    activation. A frozen model's outputs stay equal up to float32 rounding. Returns the undo."""
+    undo = []
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (norm_name, norm) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and type(norm) in (nn.BatchNorm2d, BatchNormAct2d)
+                    and norm.num_features == conv.out_channels and norm.running_mean is not None):
+                continue
+            undo.append((parent, norm_name, norm, conv, conv.weight, conv.bias))
+            conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean,
+                                                          norm.running_var, norm.eps, norm.weight, norm.bias)
+            conv.requires_grad_(False)
+            setattr(parent, norm_name, nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d)
+                    else nn.Identity())
+
+    def restore() -> None:
+        for parent, norm_name, norm, conv, weight, bias in reversed(undo):
+            conv.weight, conv.bias = weight, bias
+            setattr(parent, norm_name, norm)
+    return restore
 
 
 def _probe(extractor: FeatureExtractor, name: str) -> list[FeatureLayer]:

@@ -97,7 +97,7 @@ def _extract_shard(backbone: Backbone, loader: DataLoader, writer: ShardWriter, 
     for batch in loader if loader.num_workers > 0 else prefetched(loader):
         with torch.no_grad(), autocast(device, precision):
             features = backbone.extractor(batch["image"].to(device, non_blocking=True))
-        arrays = {name: f.float().cpu().numpy().astype(np_dtype) for name, f in features.items()}
+        arrays = {name: f.float().contiguous().cpu().numpy().astype(np_dtype) for name, f in features.items()}
         writer.write(arrays, [infos[i] for i in batch["index"].tolist()])
         progress.advance(task, len(batch["index"]))
 
@@ -129,7 +129,7 @@ def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, 
         backbone = build_backbone(config.backbone)
         check_input_size(backbone.layers, config.data.image_size, "data.image_size")
         device = resolve_device(config.run.device, config.run.precision)
-        backbone.extractor.to(device)
+        backbone.extractor.to(device).optimize(config.inference.channels_last)
         size = config.data.image_size
         meta = {"backbone": config.backbone.name, "weights": backbone.weights_source, "image_size": size,
                 "dtype": config.features.dtype,

@@ -67,11 +67,14 @@ class AnomalyDetector(nn.Module):
         self.eval()
 
     def optimize(self, channels_last: bool = True, compile: bool = False) -> AnomalyDetector:
-        """For inference with fixed weights: convolutions in the NHWC layout (``channels_last``), and
-        the backbone and the model's maps compiled by ``torch.compile`` with the weights frozen into
-        the graph (``compile``; the weights must not change afterwards)."""
+        """For inference with fixed weights: convolutions in the NHWC layout (``channels_last``), the
+        backbone's batch norms folded into its convolutions, and the backbone and the model's maps
+        compiled by ``torch.compile`` with the weights frozen into the graph (``compile``; the
+        weights must not change afterwards)."""
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
+        if self.extractor is not None:
+            self.extractor.optimize(channels_last)
         if compile:
             # Static shapes: the detector's size is fixed, and dynamo would otherwise turn a second
             # detector's other size (the same code object) into symbolic shapes, which freezing refuses.

@@ -105,19 +105,22 @@ class StoredFeatures(FeatureSource):
 
 
 class BackboneFeatures:
-    """The frozen backbone (always in eval mode) as a function: images in [0, 1] -> prepared features."""
+    """The frozen backbone (always in eval mode) as a function: images in [0, 1] -> prepared features,
+    computed as extraction computes the stored ones (folded batch norms, ``inference.channels_last``)
+    so that training on either source gives the same model."""
 
     def __init__(self, config: ExperimentConfig, device: torch.device, backbone: Backbone | None = None,
                  layers: Sequence[str] | None = None, preparation: Preparation = "coarsest"):
         self.backbone = backbone or build_backbone(config.backbone)
-        self.backbone.extractor.to(device)
+        self.backbone.extractor.to(device).optimize(config.inference.channels_last)
         self.layers, self.preparation = list(layers or config.backbone.layers), preparation
         self.device, self.precision = device, config.run.precision
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(self.device, self.precision):
             features = self.backbone.extractor(images.to(self.device, non_blocking=True))
-        return PREPARATIONS[self.preparation]({name: f.float() for name, f in features.items()}, self.layers)
+        return PREPARATIONS[self.preparation]({name: f.float().contiguous() for name, f in features.items()},
+                                              self.layers)
 
 
 def _image_size_key(config: ExperimentConfig, size: int) -> str:
