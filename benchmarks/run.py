@@ -6,20 +6,22 @@
 
 Everything is measured in this one run on this machine; configurations that are compared are
 timed in alternating rounds (the order rotates every round) and medians are reported, because
-this machine's speed drifts by up to 40 % within minutes. The fp32 matrix-multiply peak (a 2048^2
-GEMM) is one of the alternating measures, so every "% of peak" shares its drift. Weights are
+this machine's speed drifts by up to 40 % within minutes. The fp32 peak (the faster of a 2048^2
+GEMM and a 3x3 convolution, see ``peak_gflops``) is one of the alternating measures, so every
+"% of peak" shares its drift. Weights are
 random (timing does not depend on them); memories (PatchCore's bank, PaDiM's Gaussians, SPADE's
 gallery) are sized for ``--train-images`` training images.
 
 Sections:
 - ``models``: each model at the demo config's sizes (configs/demo.yaml; EfficientAD at 128 px):
   throughput at batch 1 and 8, latency median and p90 at batch 1, FLOPs counted by
-  ``torch.utils.flop_counter``, % of the GEMM peak, peak memory of a batch-8 forward (CUDA:
+  ``torch.utils.flop_counter``, % of the fp32 peak, peak memory of a batch-8 forward (CUDA:
   allocator peak; CPU: resident set sampled every millisecond, above the level before), model.pt size;
 - ``ratio``: EfficientAD-AST against EfficientAD-S at the thesis's sizes (configs/mvtec_ad.yaml:
-  B5 stage 5 at 768 px, 1024 hidden channels; EfficientAD-S at 256 px) and at the demo's, batch 1;
+  B5 stage 5 at 768 px, 1024 hidden channels; EfficientAD-S at 256 px) and at the demo's, batch 1
+  in three modes and the larger batch in the inference default;
 - ``components``: EfficientAD-AST's parts (backbone, flow teacher, student, autoencoder, maps with
-  resizing and smoothing) at both sizes, each with its FLOPs and % of the GEMM peak;
+  resizing and smoothing) at both sizes, each with its FLOPs and % of the fp32 peak;
 - ``training``: one student-AE epoch fed from the HDF5 store against one that computes the
   backbone's features on the fly (equal validation values asked), and the peak RSS of training a
   category (`effad-hpc train`, own process) with 10x the images against 1x;
@@ -50,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from effad_hpc.config import load_config, parse_config
@@ -99,11 +102,20 @@ def alternate(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str
     return values
 
 
-def gemm_gflops(device: torch.device, n: int = 2048) -> Callable[[], float]:
+def peak_gflops(device: torch.device, n: int = 2048) -> Callable[[], float]:
+    """A measure of the machine's fp32 peak: the faster of an n^3 GEMM (``torch.mm``: MKL or cuBLAS)
+    and a 3x3 convolution in NHWC (oneDNN or cuDNN; 256 channels on 64x64, 4.8 GFLOP). Not the GEMM
+    alone: on an AMD EPYC, MKL's sgemm ran at 200 GFLOP/s where oneDNN's convolutions ran at 440,
+    which put every convolutional model at up to 200 % of a GEMM-only peak."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    x = torch.randn(1, 256, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
 
     def measure() -> float:
-        return 2 * n ** 3 / seconds(lambda: torch.mm(a, b), device) / 1e9
+        gemm = 2 * n ** 3 / seconds(lambda: torch.mm(a, b), device)
+        with torch.inference_mode():
+            conv = 2 * 256 * 256 * 9 * 64 * 64 / seconds(lambda: F.conv2d(x, w, padding=1), device)
+        return max(gemm, conv) / 1e9
 
     return measure
 
@@ -237,8 +249,7 @@ class Suite:
 
     def models(self) -> None:
         config = self.config("demo.yaml")
-        peak = gemm_gflops(self.device)
-        measures: dict[str, Callable[[], float]] = {"gemm": peak}
+        measures: dict[str, Callable[[], float]] = {"peak": peak_gflops(self.device)}
         info, latencies = {}, {}  # latencies: every batch-1 call, the warm-up round first
         for model in self.args.models:
             detector = untrained_detector(config, model, self.args.train_images, self.device).optimize(
@@ -253,7 +264,7 @@ class Suite:
             measures[f"{model}/{self.args.batch}"] = (lambda d=detector, x=batch: seconds(self.forward(d, x),
                                                                                           self.device))
         values = alternate(measures, self.args.rounds)
-        gemm = statistics.median(values["gemm"])
+        peak = statistics.median(values["peak"])
         rows = []
         for model in self.args.models:
             one = statistics.median(values[f"{model}/1"])
@@ -264,17 +275,17 @@ class Suite:
                          "latency_ms_median": 1000 * one,
                          "latency_ms_p90": 1000 * float(np.percentile(latencies[model][self.args.repeats:], 90)),
                          "gflop_per_image": flops / 1e9,
-                         "percent_of_gemm_peak": 100 * flops / many / 1e9 / gemm})
-        self.results["sections"]["models"] = {"config": "configs/demo.yaml", "gemm_gflops": gemm, "rows": rows}
+                         "percent_of_peak": 100 * flops / many / 1e9 / peak})
+        self.results["sections"]["models"] = {"config": "configs/demo.yaml", "peak_gflops": peak, "rows": rows}
         print(f"\n== models (configs/demo.yaml sizes, random weights, memories for {self.args.train_images} "
-              f"training images); fp32 GEMM peak {gemm:.1f} GFLOP/s")
+              f"training images); fp32 peak {peak:.1f} GFLOP/s")
         header = (f"{'model':<17}{'px':>5}{'img/s b1':>10}{f'img/s b{self.args.batch}':>10}{'ms med':>9}"
                   f"{'ms p90':>9}{'GFLOP':>8}{'% peak':>8}{'peak MiB':>10}{'model.pt MiB':>14}")
         print(header + "\n" + "-" * len(header))
         for r in rows:
             print(f"{r['model']:<17}{r['image_size']:>5}{r['images_per_s_batch1']:>10.1f}"
                   f"{r[f'images_per_s_batch{self.args.batch}']:>10.1f}{r['latency_ms_median']:>9.1f}"
-                  f"{r['latency_ms_p90']:>9.1f}{r['gflop_per_image']:>8.2f}{r['percent_of_gemm_peak']:>8.1f}"
+                  f"{r['latency_ms_p90']:>9.1f}{r['gflop_per_image']:>8.2f}{r['percent_of_peak']:>8.1f}"
                   f"{r['peak_memory_bytes'] / 2**20:>10.0f}{r['model_pt_bytes'] / 2**20:>14.1f}")
 
     def _batch1(self, call: Callable[[], object], calls: list[float]) -> Callable[[], float]:
@@ -292,36 +303,43 @@ class Suite:
         config = self.config(config_name)
         pair = (untrained_detector(config, "efficientad_ast", self.args.train_images, self.device),
                 untrained_detector(config, "efficientad_s", self.args.train_images, self.device))
-        for detector in pair:
-            detector.optimize(channels_last=mode != "plain", compile=mode == "compiled")
+        if mode != "plain":  # plain: the detector as built (NCHW, batch norms unfolded, eager)
+            for detector in pair:
+                detector.optimize(channels_last=True, compile=mode == "compiled")
         return pair
 
     def ratio(self) -> None:
         """Per size and mode, the two models alternate; each mode's pair is built alone, so that
-        compiled and eager detectors never share the process's caches while they are timed."""
+        compiled and eager detectors never share the process's caches while they are timed. Batch 1
+        in every mode; the larger batch (``--batch``) in the inference default."""
         rows = {}
+        runs = [(mode, 1) for mode in MODES] + [("channels_last", self.args.batch)]
         for label, config_name in (("thesis", "mvtec_ad.yaml"), ("demo", "demo.yaml")):
             rows[label] = {}
-            for mode in MODES:
+            print(f"\n== throughput ratio at {label} sizes (the thesis on a V100: EfficientAD-AST 9.11 images/s : "
+                  "EfficientAD-S 358 = 0.025)")
+            for mode, batch in runs:
                 pair = dict(zip(("efficientad_ast", "efficientad_s"), self._pair(config_name, mode)))
-                measures = {name: (lambda d=d, x=self.images(d.image_size, 1): seconds(self.forward(d, x),
-                                                                                        self.device))
+                measures = {name: (lambda d=d, x=self.images(d.image_size, batch): seconds(self.forward(d, x),
+                                                                                            self.device) / batch)
                             for name, d in pair.items()}
                 values = alternate(measures, self.args.rounds)
                 hybrid_s, small_s = (statistics.median(values[name]) for name in pair)
-                if mode == next(iter(MODES)):
-                    print(f"\n== throughput ratio at {label} sizes, batch 1 (the thesis on a V100: EfficientAD-AST "
-                          "9.11 images/s : EfficientAD-S 358 = 0.025)")
-                rows[label][mode] = {"efficientad_ast_images_per_s": 1 / hybrid_s,
-                                     "efficientad_s_images_per_s": 1 / small_s, "ratio": small_s / hybrid_s}
+                rows[label][f"{mode}/batch{batch}"] = {"efficientad_ast_images_per_s": 1 / hybrid_s,
+                                                       "efficientad_s_images_per_s": 1 / small_s,
+                                                       "ratio": small_s / hybrid_s}
                 print(f"EfficientAD-AST ({pair['efficientad_ast'].image_size} px) {1 / hybrid_s:.2f} images/s : "
                       f"EfficientAD-S ({pair['efficientad_s'].image_size} px) {1 / small_s:.2f} images/s = "
-                      f"{small_s / hybrid_s:.3f}   [{label} sizes, {MODES[mode]}]")
+                      f"{small_s / hybrid_s:.3f}   [{label} sizes, batch {batch}, {MODES[mode]}]")
                 del pair, measures
         self.results["sections"]["ratio"] = rows
-        best = max(rows["thesis"], key=lambda mode: rows["thesis"][mode]["ratio"])
-        self.target("EfficientAD-AST : EfficientAD-S throughput, thesis sizes", rows["thesis"][best]["ratio"], 0.25,
-                    ">=", f"both {MODES[best]}; arithmetic limit about 0.35; thesis 1/39")
+        thesis = rows["thesis"]
+        best = max((run for run in thesis if run.endswith("/batch1")), key=lambda run: thesis[run]["ratio"])
+        self.target("EfficientAD-AST : EfficientAD-S throughput, thesis sizes, batch 1", thesis[best]["ratio"], 0.25,
+                    ">=", f"both {MODES[best.split('/')[0]]}; arithmetic limit about 0.35; thesis 1/39")
+        batched = f"channels_last/batch{self.args.batch}"
+        self.target(f"same, batch {self.args.batch}", thesis[batched]["ratio"], 0.25, ">=",
+                    f"both {MODES['channels_last']}")
 
     def components(self) -> None:
         section = {}
@@ -353,32 +371,32 @@ class Suite:
                 "efficientad_s": part(lambda: small(small_images)),
             }
             flops = {name: counted_flops(call) for name, call in parts.items()}
-            values = alternate({"gemm": gemm_gflops(self.device), **{name: (lambda c=call: seconds(c, self.device))
+            values = alternate({"peak": peak_gflops(self.device), **{name: (lambda c=call: seconds(c, self.device))
                                                                     for name, call in parts.items()}},
                                self.args.rounds)
-            gemm = statistics.median(values["gemm"])
+            peak = statistics.median(values["peak"])
             rows = []
             for name in parts:
                 t = statistics.median(values[name])
                 rows.append({"part": name, "ms": 1000 * t, "gflop": flops[name] / 1e9,
-                             "percent_of_gemm_peak": 100 * flops[name] / t / 1e9 / gemm})
-            section[label] = {"gemm_gflops": gemm, "rows": rows}
+                             "percent_of_peak": 100 * flops[name] / t / 1e9 / peak})
+            section[label] = {"peak_gflops": peak, "rows": rows}
             total = next(r["ms"] for r in rows if r["part"] == "whole detector")
             print(f"\n== EfficientAD-AST components, {label} sizes ({hybrid.image_size} px, {channels} ch on "
-                  f"{features.shape[-1]}x{features.shape[-1]}; NHWC, eager); GEMM peak {gemm:.1f} GFLOP/s")
+                  f"{features.shape[-1]}x{features.shape[-1]}; NHWC, eager); fp32 peak {peak:.1f} GFLOP/s")
             header = f"{'part':<26}{'ms':>9}{'share':>8}{'GFLOP':>9}{'% peak':>8}"
             print(header + "\n" + "-" * len(header))
             for r in rows:
                 print(f"{r['part']:<26}{r['ms']:>9.1f}{r['ms'] / total:>8.2f}{r['gflop']:>9.2f}"
-                      f"{r['percent_of_gemm_peak']:>8.1f}")
+                      f"{r['percent_of_peak']:>8.1f}")
         self.results["sections"]["components"] = section
         thesis = {r["part"]: r for r in section["thesis"]["rows"]}
-        self.target("EfficientAD-S forward, % of fp32 GEMM peak", thesis["efficientad_s"]["percent_of_gemm_peak"],
+        self.target("EfficientAD-S forward, % of fp32 peak", thesis["efficientad_s"]["percent_of_peak"],
                     85, ">= %", "256 px, NHWC, eager")
-        self.target("hybrid student convolutions, % of GEMM peak (thesis sizes)",
-                    thesis["student"]["percent_of_gemm_peak"], 70, ">= %")
-        self.target("hybrid flow teacher, % of GEMM peak (thesis sizes)",
-                    thesis["flow teacher"]["percent_of_gemm_peak"], 70, ">= %")
+        self.target("hybrid student convolutions, % of fp32 peak (thesis sizes)",
+                    thesis["student"]["percent_of_peak"], 70, ">= %")
+        self.target("hybrid flow teacher, % of fp32 peak (thesis sizes)",
+                    thesis["flow teacher"]["percent_of_peak"], 70, ">= %")
 
     # training --------------------------------------------------------------------------------
 
@@ -558,7 +576,9 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=200, help="training images the memories are sized for")
     parser.add_argument("--epoch-images", type=int, default=40, help="training images of the epoch comparison")
     parser.add_argument("--rss-images", type=int, default=40, help="training images of the 1x RSS run")
-    parser.add_argument("--extract-images", type=int, default=60)
+    parser.add_argument("--extract-images", type=int, default=200,
+                        help="training images of the extraction comparison (MVTec AD: 60-391, median 240; "
+                             "a job's fixed start, about 0.2 s, weighs as in a real category)")
     parser.add_argument("--paper-images", type=int, default=209, help="MVTec AD's largest train split minus 10 %%")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=REPO / "runs" / "benchmarks" / "run.json")
