@@ -27,7 +27,7 @@ import ray
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from rich.console import Console
 
 from effad_hpc.config import ExperimentConfig
@@ -79,10 +79,12 @@ class ProgressLine(Callback):
 
 
 def _search(spec: SweepSpec):
+    """The search algorithm, which also holds the sweep's concurrency: Tune's own
+    ``max_concurrent_trials`` is ignored, with a warning, for the random and grid generator."""
     if spec.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
-            return OptunaSearch(seed=spec.seed)
+            return ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.max_concurrent)
         except (ImportError, AssertionError) as exc:
             raise ConfigError(f"search optuna: {exc}; install optuna (pip install optuna) or use search: random") \
                 from None
@@ -113,7 +115,6 @@ def tune_model(setup: TrialSetup, spec: SweepSpec, storage: Path, resume: bool):
         trainable, param_space=param_space(spec),
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=spec.mode, scheduler=_scheduler(spec),
                                     search_alg=_search(spec), num_samples=spec.num_samples,
-                                    max_concurrent_trials=spec.max_concurrent,
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(name=setup.model, storage_path=str(storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
