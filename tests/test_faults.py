@@ -451,11 +451,20 @@ def test_kill_9_at_a_random_point_then_rerun_gives_the_uninterrupted_result(kind
             seconds = time.monotonic() - started
         else:
             # A seeded random point in the second half of the reference's time (the first is mostly
-            # the interpreter and torch starting up).
-            delay = seconds * np.random.default_rng(list(STAGE_KINDS).index(kind)).uniform(0.5, 0.9)
-            process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(delay)
-            assert process.poll() is None, f"{kind}: finished before the kill at {delay:.1f} s"
+            # the interpreter and torch starting up). A second run can be faster than the reference
+            # (warm file caches: an 8-second evaluation once ended before its kill at 7.1 s); such
+            # a run killed nothing, so its folder is made again and the point moved earlier.
+            fraction = np.random.default_rng(list(STAGE_KINDS).index(kind)).uniform(0.5, 0.9)
+            for attempt in range(3):
+                delay = seconds * fraction * 0.7 ** attempt
+                process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(delay)
+                if process.poll() is None:
+                    break
+                shutil.rmtree(config.run.out_dir)
+                _prepare(kind, config, path)
+            else:
+                pytest.fail(f"{kind}: every run finished before its kill (the last at {delay:.1f} s)")
             process.kill()
             process.wait()
             rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
