@@ -579,7 +579,8 @@ def main() -> None:
     parser.add_argument("--extract-images", type=int, default=200,
                         help="training images of the extraction comparison (MVTec AD: 60-391, median 240; "
                              "a job's fixed start, about 0.2 s, weighs as in a real category)")
-    parser.add_argument("--paper-images", type=int, default=209, help="MVTec AD's largest train split minus 10 %%")
+    parser.add_argument("--paper-images", type=int, default=209,
+                        help="training images of the paper-size fits (MVTec AD bottle's training split)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=REPO / "runs" / "benchmarks" / "run.json")
     parser.add_argument("--fit-child", choices=["padim", "spade"], help=argparse.SUPPRESS)

@@ -68,10 +68,12 @@ class FeatureExtractor(nn.Module):
         return x
 
     def optimize(self, channels_last: bool = True) -> FeatureExtractor:
-        """For the frozen forward passes of extraction and inference: batch norms folded into their
-        convolutions (:func:`fold_batch_norms`, checked on a probe image against the unfolded
-        forward), then the NHWC layout when ``channels_last``. Lite0 at 256 px on a CPU: 1.8x in
-        all against NCHW, of which 1.25x is the folding (a batch norm over NHWC is a slow pass)."""
+        """For frozen forward passes (extraction, features on the fly, inference; not export, which
+        traces the modules as built): batch norms folded into their convolutions
+        (:func:`fold_batch_norms`, checked on a probe image against the unfolded forward), then the
+        NHWC layout when ``channels_last``, in which the features come out. Lite0 at 256 px on a
+        CPU: 1.8x in all against NCHW, of which 1.25x is the folding (a batch norm over NHWC is a
+        slow pass)."""
         probe = torch.rand(1, 3, PROBE_SIZE, PROBE_SIZE, generator=torch.Generator().manual_seed(0))
         probe = probe.to(self.mean.device)
         with torch.no_grad():
