@@ -10,7 +10,8 @@ pipeline's own stages (``effad-hpc train`` / ``evaluate``), so the numbers are t
 gets. Per model: image AUROC, pixel AUROC, AU-PRO, image and pixel F1 at the thresholds chosen on
 the good validation images, the label-free synthetic-anomaly validation scores (what a choice
 between settings must be made on), training seconds, latency (ms per image at batch 1) and each
-metric's difference to PatchCore in the same run (PatchCore is always run).
+metric's difference to PatchCore in the same run (PatchCore is always run); for a model whose
+map combines parts (EfficientAD-AST's ``st`` and ``ae``), each part's validation scores.
 
 ``--variant`` adds rows of ``--variant-model`` (default: efficientad_ast) trained with the given
 overrides (an ablation); the variants share one feature store and, where their settings allow,
@@ -41,6 +42,8 @@ COLUMNS = [  # (metrics.json name, header, compared with PatchCore)
     ("image_f1", "img F1", True), ("pixel_f1", "px F1", True),
     ("val_synthetic_image_auroc", "val img", False), ("val_synthetic_au_pro", "val PRO", False),
 ]
+PART_PREFIX = "val_synthetic_au_pro_"
+"""metrics.json names each part of a combined map (``st``, ``ae``, ...) with this prefix."""
 VALIDATION_SCORE = "val_synthetic_mean"
 """What the variants are ranked on, as sweeps rank trials: the mean of the synthetic-anomaly
 validation set's image AUROC and AU-PRO."""
@@ -60,6 +63,9 @@ def _row(config, model: str, category: str, variant: str) -> dict:
     metrics = result["metrics"]
     return {"model": model, "variant": variant, **{name: metrics.get(name) for name, _, _ in COLUMNS},
             "train_s": metrics.get("train_seconds_total"), "latency_ms": metrics.get("latency_ms"),
+            "parts": {part: {metric: metrics.get(f"val_synthetic_{metric}_{part}")
+                             for metric in ("image_auroc", "au_pro")}
+                      for part in (name.removeprefix(PART_PREFIX) for name in metrics if name.startswith(PART_PREFIX))},
             "wall_s": time.monotonic() - started, "device": result["compute"]["device_name"]}
 
 
@@ -112,6 +118,13 @@ def main() -> None:
         print(f"{row['model']:<17}{row['variant'] or '(config)':<18}"
               + "".join(_cell(row[name], 10) for name, _, _ in COLUMNS)
               + f"{row['train_s'] or 0:>9.1f}{row['latency_ms'] or 0:>8.1f}" + deltas + _cell(ratio, 13))
+    parted = [row for row in rows if row["parts"]]
+    if parted:
+        print("\nvalidation image AUROC / AU-PRO of each part of the combined map (which part finds and localises):")
+        for row in parted:
+            print(f"{row['model']:<17}{row['variant'] or '(config)':<18}" + "".join(
+                f"  {part} {_cell(scores['image_auroc'], 5)} / {_cell(scores['au_pro'], 5)}"
+                for part, scores in row["parts"].items()))
     candidates = [row for row in rows if row["model"] == args.variant_model]
     if len(candidates) > 1:
         best = max(candidates, key=lambda row: objective_value(row, VALIDATION_SCORE))

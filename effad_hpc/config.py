@@ -149,11 +149,12 @@ class TeacherConfig(TrainedStage):
     kernel_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [3, 3, 3, 5]
     clamp: PositiveFloat = 3.0
     pos_enc_channels: Annotated[int, Field(gt=0, multiple_of=4)] = 32
-    feature_grid: Literal["coarsest", "finest"] = "coarsest"
+    feature_grid: Literal["coarsest", "finest", "patches"] = "coarsest"
     """How several ``backbone.layers`` make the input of the flow and of its students (AST and
     EfficientAD-AST): concatenated on the coarsest grid, finer layers average-pooled (the thesis,
     with one layer), or on the finest, coarser layers upsampled bilinearly (stride 8 with 16: four
-    times the positions, so finer maps for four times the cost)."""
+    times the positions, so finer maps for four times the cost), or ``patches``: as ``finest``
+    after each layer is averaged over its 3x3 neighbourhood (PatchCore's locally aware features)."""
     epochs: PositiveInt = 240
 
     @model_validator(mode="after")

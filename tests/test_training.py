@@ -203,11 +203,14 @@ def test_trained_model_separates_defective_from_good_images(make_config, synthet
     assert roc_auc_score(labels, [scores[i] for i in range(len(samples))]) >= 0.9
 
 
-def test_finest_grid_and_map_normalisation_train_and_load(make_config):
-    """teacher.feature_grid: finest gives the stride-8 grid of two layers (4x the positions), and
-    student.map_normalization: quantile stores the validation quantiles of the final model's maps."""
+@pytest.mark.parametrize("feature_grid", ["finest", "patches"])
+def test_finer_grids_and_map_normalisation_train_and_load(make_config, feature_grid):
+    """teacher.feature_grid: finest (or patches, 3x3-averaged first) gives the stride-8 grid of two
+    layers (4x the positions), and student.map_normalization: quantile stores the validation
+    quantiles of the final model's maps."""
     _, config = make_config(SMALL_NETS | {"models": ["efficientad_ast"], "data.categories": ["fabric"],
-                                          "teacher.feature_grid": "finest", "student.map_normalization": "quantile"})
+                                          "teacher.feature_grid": feature_grid,
+                                          "student.map_normalization": "quantile"})
     train(config, "efficientad_ast", "fabric", show_progress=False)
     detector = load_detector(config, "efficientad_ast", "fabric", torch.device("cpu"))
     images = torch.rand(2, 3, 64, 64)
@@ -215,7 +218,8 @@ def test_finest_grid_and_map_normalisation_train_and_load(make_config):
     assert grid["combined"].shape[-2:] == (8, 8)  # blocks.2 at stride 8 of 64 px (blocks.4 alone: 4 x 4)
     quantiles = detector.model.map_quantiles
     assert torch.all(quantiles[:, 0] < quantiles[:, 1]) and not torch.equal(quantiles, torch.tensor([[0, 0.1]] * 2))
-    source = StoredFeatures(config, "fabric", torch.device("cpu"), preparation="finest")
+    assert recipe("efficientad_ast").variant(config) == f"quantile-normalised maps + {feature_grid} grid"
+    source = StoredFeatures(config, "fabric", torch.device("cpu"), preparation=feature_grid)
     features = next(source.batches("validation", range(source.size("validation")), 64))
     st, ae = detector.model.raw_maps(features)
     assert quantiles[0, 1] == pytest.approx(torch.quantile(st.flatten(), 0.995).item(), rel=1e-5)

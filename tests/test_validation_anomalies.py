@@ -79,9 +79,10 @@ def test_the_score_tells_a_map_that_finds_the_anomalies_from_one_that_does_not()
 
 def test_scores_from_features_made_once_equal_the_detectors_own_maps(tmp_path, category):
     """A sweep runs the backbone over the set once per category and scores every validation pass
-    from those features: the metrics are those of the detector's full forward pass."""
+    from those features: the metrics, of the combined map and of each of its parts, are those of
+    the detector's full forward pass."""
     torch = pytest.importorskip("torch")
-    from effad_hpc.evaluation.synthetic_validation import scoring_inputs, synthetic_validation_metrics
+    from effad_hpc.evaluation.synthetic_validation import part_metrics, scoring_inputs, synthetic_validation_metrics
     from effad_hpc.models import image_scores
     from effad_hpc.training import recipe
     from effad_hpc.training.detector import as_detector, model_input
@@ -96,15 +97,18 @@ def test_scores_from_features_made_once_equal_the_detectors_own_maps(tmp_path, c
     inputs = scoring_inputs(detector, anomaly_set, config, device)
     assert inputs.clean.shape[1] == built.channels  # features, not images
     cached = synthetic_validation_metrics(detector, inputs, config, device)
+    parts = part_metrics(detector, inputs, config, device)
 
     clean, anomalous, masks = anomaly_set.tensors(detector.image_size)
     outputs = [detector(images) for images in (clean, anomalous)]
-    maps = [out["maps"]["combined"].numpy() for out in outputs]
-    scores = [image_scores(out["maps"]["combined"], detector.score).numpy() for out in outputs]
-    direct = score_maps(scores[0], scores[1], maps[0], maps[1], masks.numpy(), config.evaluation.pro_fpr_limit)
-    assert cached.keys() == direct.keys()
-    for name, value in direct.items():
-        assert cached[name] == pytest.approx(value, abs=1e-6), name
+    for part, found in (("combined", cached), ("st", parts), ("ae", parts), ("teacher", parts)):
+        maps = [out["maps"][part].numpy() for out in outputs]
+        scores = [image_scores(out["maps"][part], detector.score).numpy() for out in outputs]
+        direct = score_maps(scores[0], scores[1], maps[0], maps[1], masks.numpy(), config.evaluation.pro_fpr_limit)
+        suffix = "" if part == "combined" else f"_{part}"
+        for name, value in direct.items():
+            assert found[name + suffix] == pytest.approx(value, abs=1e-6), name + suffix
+    assert len(parts) == 3 * len(cached)  # st, ae and the teacher's NLL; nothing else
 
 
 def test_the_synthetic_f1_threshold_separates_found_anomalies_from_the_clean_tail():

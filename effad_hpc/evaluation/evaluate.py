@@ -30,7 +30,8 @@ type against the good test images; for LOCO ``auroc_logical_anomalies``,
 ``auroc_structural_anomalies`` and ``auroc_loco_mean``), ``au_spro_<limit>_{logical,structural,mean}``
 (LOCO), ``teacher_auc_mean`` / ``teacher_auc_max`` (AST teachers), ``val_synthetic_image_auroc``,
 ``val_synthetic_pixel_auroc``, ``val_synthetic_au_pro`` (the synthetic-anomaly validation set:
-no test label, what sweeps rank on), ``latency_ms``,
+no test label, what sweeps rank on) and the same of each part of a combined map
+(``val_synthetic_au_pro_st``, ``..._ae``, ``..._teacher``), ``latency_ms``,
 ``throughput_ips``, ``train_seconds_<stage>``, ``best_epoch_<stage>``, ``final_epoch_<stage>``,
 ``train_seconds_total``; ``training``: the stage records; ``budget``: per trained stage the
 epochs or steps it was trained for against its paper's; ``warnings``; ``artifacts``: the size of
@@ -73,7 +74,7 @@ from effad_hpc.evaluation.metrics import (
     sample_pixels,
     spro_regions,
 )
-from effad_hpc.evaluation.synthetic_validation import scoring_inputs, synthetic_maps
+from effad_hpc.evaluation.synthetic_validation import part_metrics, scoring_inputs, synthetic_maps
 from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import STAGES, load_detector, read_log, read_record, recipe, stage_folder, stage_key
 from effad_hpc.training.artifacts import BEST_MODEL
@@ -413,6 +414,7 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
         synthetic_inputs = scoring_inputs(detector, ensure_validation_anomalies(config, category), config, device)
         synthetic_set = synthetic_maps(detector, synthetic_inputs, config, device)
         synthetic = synthetic_set.metrics(config.evaluation.pro_fpr_limit)
+        synthetic |= part_metrics(detector, synthetic_inputs, config, device)
         if config.evaluation.pixel_threshold == "synthetic_f1":
             thresholds = replace(thresholds, pixel=synthetic_set.best_pixel_f1().threshold)
         predictions = predict_test(detector, test, config, model, category, device, progress)

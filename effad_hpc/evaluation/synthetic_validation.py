@@ -114,28 +114,44 @@ def _eval_mode(detector: AnomalyDetector) -> Iterator[None]:
 
 
 def _maps_and_scores(detector: AnomalyDetector, inputs: torch.Tensor, config: ExperimentConfig,
-                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                     device: torch.device, part: str) -> tuple[np.ndarray, np.ndarray]:
     size = (detector.image_size, detector.image_size)
     maps, scores = [], []
     for batch in inputs.split(config.inference.batch_size):
         with autocast(device, config.run.precision):
             grid, own = detector.grid_output_from(batch.to(device))
-        combined = detector.to_size({"combined": grid["combined"]}, size)["combined"].float()
-        scores.append((own if own is not None else image_scores(combined, detector.score)).float().cpu())
-        maps.append(combined.cpu())
+        part_map = detector.to_size({part: grid[part]}, size)[part].float()
+        # The model's own image score (PatchCore's reweighting) belongs to its combined map.
+        own = own if part == "combined" else None
+        scores.append((own if own is not None else image_scores(part_map, detector.score)).float().cpu())
+        maps.append(part_map.cpu())
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()
 
 
 def synthetic_maps(detector: AnomalyDetector, inputs: ScoringInputs, config: ExperimentConfig,
-                   device: torch.device) -> SyntheticMaps:
-    """The detector's maps and scores of the set from its model inputs (:func:`scoring_inputs`)."""
+                   device: torch.device, part: str = "combined") -> SyntheticMaps:
+    """The detector's maps (``part``: the combined map, or one of the parts it is made of) and
+    image scores of the set from its model inputs (:func:`scoring_inputs`)."""
     with _eval_mode(detector), torch.no_grad():
-        clean_maps, clean_scores = _maps_and_scores(detector, inputs.clean, config, device)
-        anomalous_maps, anomalous_scores = _maps_and_scores(detector, inputs.anomalous, config, device)
+        clean_maps, clean_scores = _maps_and_scores(detector, inputs.clean, config, device, part)
+        anomalous_maps, anomalous_scores = _maps_and_scores(detector, inputs.anomalous, config, device, part)
     if not (np.isfinite(clean_maps).all() and np.isfinite(anomalous_maps).all()):
-        raise TrainingError(f"{inputs.folder}: the model's maps of the synthetic-anomaly validation set have "
+        raise TrainingError(f"{inputs.folder}: the model's {part} maps of the synthetic-anomaly validation set have "
                             "NaN/inf values: the training diverged (try a lower learning rate)")
     return SyntheticMaps(clean_maps, clean_scores, anomalous_maps, anomalous_scores, inputs.masks)
+
+
+def part_metrics(detector: AnomalyDetector, inputs: ScoringInputs, config: ExperimentConfig,
+                 device: torch.device) -> dict[str, float | None]:
+    """``val_synthetic_*_<part>`` for every part of the model's combined map (EfficientAD's and
+    EfficientAD-AST's ``st`` and ``ae``, the AST teacher's ``teacher``): which part finds and
+    localises the anomalies, still without a test label. Empty for a model with one map."""
+    with _eval_mode(detector), torch.no_grad(), autocast(device, config.run.precision):
+        grid, _ = detector.grid_output_from(inputs.clean[:1].to(device))
+    return {f"{name}_{part}": value
+            for part in grid if part != "combined"
+            for name, value in synthetic_maps(detector, inputs, config, device, part)
+            .metrics(config.evaluation.pro_fpr_limit).items()}
 
 
 def synthetic_validation_metrics(detector: AnomalyDetector, inputs: ScoringInputs, config: ExperimentConfig,

@@ -3,10 +3,11 @@
 Each model family reads the layers differently, and names its way here (``PREPARATIONS``), so
 the feature sources of training and the detector of inference prepare features identically:
 
-- ``coarsest``: AST family, layers concatenated on the coarsest grid;
+- ``coarsest``: AST family (the default), layers concatenated on the coarsest grid;
 - ``finest``: PaDiM and SPADE, layers upsampled to the finest grid and concatenated;
-- ``patches``: PatchCore (and EfficientAD's distillation targets), each layer averaged over a 3x3
-  neighbourhood first, so that a vector describes its surroundings, then as ``finest``;
+- ``patches``: PatchCore (and EfficientAD's distillation targets, and the AST family's
+  ``teacher.feature_grid: patches``), each layer averaged over a 3x3 neighbourhood first, so that
+  a vector describes its surroundings, then as ``finest``;
 - ``pyramid_global``: SPADE with an image-level layer: every layer but the last as ``finest``,
   followed by the last layer's global average pool, the same at every position.
 """

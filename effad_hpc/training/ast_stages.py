@@ -186,8 +186,8 @@ def _variant(config: ExperimentConfig, hybrid: bool) -> str:
     switches = []
     if hybrid and config.student.map_normalization == "quantile":
         switches.append("quantile-normalised maps")
-    if config.teacher.feature_grid == "finest":
-        switches.append("finest grid")
+    if config.teacher.feature_grid != "coarsest":
+        switches.append(f"{config.teacher.feature_grid} grid")
     if hybrid and config.student.smoothing_sigma > 0:
         switches.append(f"smoothed maps (sigma {config.student.smoothing_sigma:g})")
     return " + ".join(switches) or PAPER_METHOD
