@@ -165,14 +165,14 @@ def test_demo_results_are_marked_reduced_and_the_thesis_configs_paper():
 
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert "efficientad_s" not in demo.models  # no meaningful point within the demo's minutes
-    assert budget_label(training_budget(demo, "efficientad_ast")) == \
+    assert budget_label(training_budget(demo, "efficientad_ast", 200)) == \
         "reduced: teacher 20/240 epochs, student_ae 20/100 epochs"
-    assert budget_label(training_budget(demo, "efficientad_s")) == \
+    assert budget_label(training_budget(demo, "efficientad_s", 200)) == \
         "reduced: distill_s 60/60000 steps, efficientad_s 100/70000 steps"
-    assert budget_label(training_budget(demo, "patchcore")) == "paper"  # fitted: no length to fall short of
+    assert budget_label(training_budget(demo, "patchcore", 200)) == "paper"  # fitted: no length to fall short of
     for name in ("mvtec_ad", "mvtec_loco"):
         thesis = load_config(REPO / "configs" / f"{name}.yaml", ["imagenet=/data/imagenet"])
-        assert {model: budget_label(training_budget(thesis, model)) for model in thesis.models} == {
+        assert {model: budget_label(training_budget(thesis, model, 200)) for model in thesis.models} == {
             model: "paper" for model in thesis.models}
 
 

@@ -106,6 +106,23 @@ def test_early_stopping_keeps_the_best_validation_model(make_config):
     assert _validate(rerun) == pytest.approx(record.best_validation, rel=1e-5)
 
 
+def test_min_samples_raises_the_epochs_of_a_small_category_and_its_budget_says_so(make_config):
+    """``min_samples``: a category of n training images trains ceil(min_samples / n) epochs where
+    ``epochs`` would give fewer samples; early stopping's patience is a fraction of those; a
+    category large enough keeps ``epochs``. The metrics' budget reports the raised length."""
+    from effad_hpc.evaluation.evaluate import training_budget
+
+    _, config = make_config(SMALL_NETS | {"teacher.epochs": 2, "teacher.min_samples": 50})
+    record = train(config, "efficientad_ast", "fabric", ["teacher"], show_progress=False)[0]
+    images = StoredFeatures(config, "fabric", torch.device("cpu")).size("train")
+    epochs = -(-50 // images)
+    assert epochs > 2 and record.final_epoch == epochs
+    assert len(read_log(stage_dir(config, "fabric", "teacher"))) == epochs
+    assert training_budget(config, "efficientad_ast", images)["teacher"]["trained"] == epochs
+    assert config.teacher.epochs_for(50) == 2 and config.student.epochs_for(images) == config.student.epochs
+    assert config.student.model_copy(update={"min_samples": 10 * images, "epochs": 4}).epochs_for(images) == 10
+
+
 def test_killed_training_resumes_to_the_uninterrupted_result(make_config, tmp_path):
     nets = SMALL_NETS | {"student.epochs": 30, "student.hidden_channels": 64, "student.residual_blocks": 2}
     path, config = make_config(nets)

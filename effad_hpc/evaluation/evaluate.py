@@ -345,12 +345,14 @@ def read_metrics(folder: Path) -> dict | None:
     return metrics if isinstance(metrics, dict) else None
 
 
-def training_budget(config: ExperimentConfig, model: str) -> dict[str, dict]:
+def training_budget(config: ExperimentConfig, model: str, train_images: int) -> dict[str, dict]:
     """``{stage: {"trained", "paper", "unit"}}``: how long the config trains each of the model's
-    stages against its paper (the leaderboard marks results trained for less)."""
+    stages on a category of ``train_images`` training images against its paper (the leaderboard
+    marks results trained for less)."""
     budget = {}
     for stage in recipe(model).stages:
-        if (length := STAGES[stage].budget) is not None and (trained := length.configured(config)) is not None:
+        length = STAGES[stage].budget
+        if length is not None and (trained := length.configured(config, train_images)) is not None:
             budget[stage] = {"trained": trained, "paper": length.paper, "unit": length.unit}
     return budget
 
@@ -454,7 +456,7 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
                                      "best F1 on the synthetic anomalies made from them")},
         "metrics": metrics,
         "training": {stage: asdict(record) for stage, record in records.items()},
-        "budget": training_budget(config, model),
+        "budget": training_budget(config, model, len(data.samples("train"))),
         "warnings": warnings,
         "artifacts": {"maps": {map_path.relative_to(maps).as_posix(): map_path.stat().st_size
                                for map_path in (sample_output(config, model, "maps", category, sample, ".tiff")

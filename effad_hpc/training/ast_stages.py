@@ -162,16 +162,16 @@ def _efficientad_ast_student_settings(config: ExperimentConfig) -> dict:
 
 
 # The papers' lengths: AST trains teacher and student 240 epochs; the thesis the EfficientAD-AST
-# student 100 (both with early stopping where they configure it).
+# student 100 (both with early stopping where they configure it); ``min_samples`` can raise them.
 register_stage(Stage("teacher", train_teacher, _teacher_settings,
                      uses_store=lambda config: config.teacher.feature_source == "stored",
-                     budget=Budget(lambda config: config.teacher.epochs, 240)))
+                     budget=Budget(lambda config, images: config.teacher.epochs_for(images), 240)))
 register_stage(Stage("student", train_student, _ast_student_settings, needs=("teacher",),
                      uses_store=lambda config: config.ast_student.feature_source == "stored",
-                     budget=Budget(lambda config: config.ast_student.epochs, 240)))
+                     budget=Budget(lambda config, images: config.ast_student.epochs_for(images), 240)))
 register_stage(Stage("student_ae", train_student_ae, _efficientad_ast_student_settings, needs=("teacher",),
                      uses_store=lambda config: config.student.feature_source == "stored",
-                     budget=Budget(lambda config: config.student.epochs, 100)))
+                     budget=Budget(lambda config, images: config.student.epochs_for(images), 100)))
 
 
 def _builder(model_name: str, kwargs: Callable[[ExperimentConfig, int, int], dict]):

@@ -362,7 +362,7 @@ def _no_store(_config: ExperimentConfig) -> bool:
     return False
 
 
-def _distillation_steps(config: ExperimentConfig) -> int | None:
+def _distillation_steps(config: ExperimentConfig, _train_images: int) -> int | None:
     """None when a user's teacher file replaces the distillation: its length is not ours to judge."""
     d = config.distillation
     return None if d is None or d.teacher_weights is not None else d.steps
@@ -375,5 +375,5 @@ for _suffix, _size in SIZES.items():
                          reads_backbone=False, shared=True, budget=Budget(_distillation_steps, 60_000, "steps")))
     register_stage(Stage(_model, _train_efficientad(_model, _teacher), _efficientad_settings, needs=(_teacher,),
                          uses_store=_no_store, reads_backbone=False,
-                         budget=Budget(lambda config: config.efficientad.steps, 70_000, "steps")))
+                         budget=Budget(lambda config, _images: config.efficientad.steps, 70_000, "steps")))
     register_recipe(ModelRecipe(_model, (_teacher, _model), _build(_model), _image_inputs))

@@ -110,10 +110,10 @@ def resume_training_state(path: Path, key: str, model: nn.Module, optimizer, sch
     return state
 
 
-def patience_epochs(settings: TrainedStage) -> int | None:
+def patience_epochs(settings: TrainedStage, epochs: int) -> int | None:
     if settings.patience_fraction is None:
         return None
-    return max(1, math.ceil(settings.patience_fraction * settings.epochs))
+    return max(1, math.ceil(settings.patience_fraction * epochs))
 
 
 def _validate(run: StageRun) -> float:
@@ -164,12 +164,13 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
         if run.source.size(split) == 0:
             raise DataError(f"{run.category}: the {split} split is empty; {run.stage} needs good {split} images")
     device = run.source.device
+    epochs = settings.epochs_for(run.source.size("train"))
     parameters = [p for p in run.model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, eps=settings.adam_eps, weight_decay=settings.weight_decay)
-    milestones = [] if settings.lr_drop_at is None else [max(1, round(settings.lr_drop_at * settings.epochs))]
+    milestones = [] if settings.lr_drop_at is None else [max(1, round(settings.lr_drop_at * epochs))]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = grad_scaler(device, run.precision)
-    patience = patience_epochs(settings)
+    patience = patience_epochs(settings, epochs)
 
     epoch, best_value, best_epoch, history, elapsed, resumed = 0, math.inf, 0, [], 0.0, []
     last = folder / LAST_CHECKPOINT
@@ -181,22 +182,22 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not show_progress) as progress:
-        epochs_task = progress.add_task(f"{run.category} {run.stage} epochs", total=settings.epochs, completed=epoch)
+        epochs_task = progress.add_task(f"{run.category} {run.stage} epochs", total=epochs, completed=epoch)
         batch_task = progress.add_task("  samples", total=run.source.size("train"))
-        while epoch < settings.epochs and not stopped_early:
+        while epoch < epochs and not stopped_early:
             started = time.monotonic()
             progress.reset(batch_task)
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             row |= _train_epoch(run, epoch + 1, optimizer, scaler, progress, batch_task)
             scheduler.step()
             epoch += 1
-            if epoch % settings.validate_every == 0 or epoch == settings.epochs:
+            if epoch % settings.validate_every == 0 or epoch == epochs:
                 row["validation"] = _validate(run)
                 if row["validation"] < best_value:
                     best_value, best_epoch = row["validation"], epoch
                     save_state(run.model.state_dict(), folder / BEST_MODEL)
                 stopped_early = patience is not None and epoch - best_epoch >= patience
-                done, total = rounds(epoch, settings.epochs, settings.validate_every)
+                done, total = rounds(epoch, epochs, settings.validate_every)
                 announce(Validated(run.stage, run.category, done, total, row, run.model, run.finish))
             row["seconds"] = time.monotonic() - started
             elapsed += row["seconds"]

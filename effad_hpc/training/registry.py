@@ -47,10 +47,11 @@ class Stage:
 
 @dataclass(frozen=True)
 class Budget:
-    """A trained stage's length: ``configured(config)`` epochs or steps (None when the config does
-    not train it, e.g. a user's teacher file), and ``paper``, what its paper trained."""
+    """A trained stage's length: ``configured(config, train_images)`` epochs or steps on a category
+    of that many training images (None when the config does not train it, e.g. a user's teacher
+    file), and ``paper``, what its paper trained."""
 
-    configured: Callable[[ExperimentConfig], int | None]
+    configured: Callable[[ExperimentConfig, int], int | None]
     paper: int
     unit: str = "epochs"
 
