@@ -367,7 +367,11 @@ def test_ctrl_c_is_one_line_with_status_130_and_the_checkpoint_resumes(tmp_path,
         """Start the command, Ctrl-C it once it saved a checkpoint of epoch 2 or later; return the
         epoch of the first checkpoint it saved and of the one it left."""
         before = saved_epoch()
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # A terminal's Ctrl-C reaches a command whose SIGINT is at its default. A test run started in
+        # the background (`.ci/run &`) ignores SIGINT, children inherit that, and Python then keeps
+        # ignoring it (the convention for background jobs): the training would run to its end.
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline, first_saved = time.monotonic() + 300, None
         while first_saved is None or saved_epoch()[1] < 2:
             assert time.monotonic() < deadline and process.poll() is None
