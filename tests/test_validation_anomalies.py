@@ -82,7 +82,8 @@ def test_scores_from_features_made_once_equal_the_detectors_own_maps(tmp_path, c
     from those features: the metrics, of the combined map and of each of its parts, are those of
     the detector's full forward pass."""
     torch = pytest.importorskip("torch")
-    from effad_hpc.evaluation.synthetic_validation import part_metrics, scoring_inputs, synthetic_validation_metrics
+    from effad_hpc.evaluation.synthetic_validation import (
+        part_metrics, scoring_inputs, synthetic_maps_of_parts, synthetic_validation_metrics)
     from effad_hpc.models import image_scores
     from effad_hpc.training import recipe
     from effad_hpc.training.detector import as_detector, model_input
@@ -97,7 +98,7 @@ def test_scores_from_features_made_once_equal_the_detectors_own_maps(tmp_path, c
     inputs = scoring_inputs(detector, anomaly_set, config, device)
     assert inputs.clean.shape[1] == built.channels  # features, not images
     cached = synthetic_validation_metrics(detector, inputs, config, device)
-    parts = part_metrics(detector, inputs, config, device)
+    parts = part_metrics(synthetic_maps_of_parts(detector, inputs, config, device), config.evaluation.pro_fpr_limit)
 
     clean, anomalous, masks = anomaly_set.tensors(detector.image_size)
     outputs = [detector(images) for images in (clean, anomalous)]

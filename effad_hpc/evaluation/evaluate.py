@@ -74,7 +74,7 @@ from effad_hpc.evaluation.metrics import (
     sample_pixels,
     spro_regions,
 )
-from effad_hpc.evaluation.synthetic_validation import part_metrics, scoring_inputs, synthetic_maps
+from effad_hpc.evaluation.synthetic_validation import part_metrics, scoring_inputs, synthetic_maps_of_parts
 from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import STAGES, load_detector, read_log, read_record, recipe, stage_folder, stage_key
 from effad_hpc.training.artifacts import BEST_MODEL
@@ -414,9 +414,10 @@ def _evaluate(config: ExperimentConfig, model: str, category: str, show_progress
     with Progress(*columns, disable=not show_progress) as progress:
         thresholds = fit_thresholds(detector, validation, config, model, category, device, progress)
         synthetic_inputs = scoring_inputs(detector, ensure_validation_anomalies(config, category), config, device)
-        synthetic_set = synthetic_maps(detector, synthetic_inputs, config, device)
+        synthetic_sets = synthetic_maps_of_parts(detector, synthetic_inputs, config, device)
+        synthetic_set = synthetic_sets["combined"]
         synthetic = synthetic_set.metrics(config.evaluation.pro_fpr_limit)
-        synthetic |= part_metrics(detector, synthetic_inputs, config, device)
+        synthetic |= part_metrics(synthetic_sets, config.evaluation.pro_fpr_limit)
         if config.evaluation.pixel_threshold == "synthetic_f1":
             thresholds = replace(thresholds, pixel=synthetic_set.best_pixel_f1().threshold)
         predictions = predict_test(detector, test, config, model, category, device, progress)

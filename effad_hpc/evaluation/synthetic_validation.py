@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,44 +114,53 @@ def _eval_mode(detector: AnomalyDetector) -> Iterator[None]:
 
 
 def _maps_and_scores(detector: AnomalyDetector, inputs: torch.Tensor, config: ExperimentConfig,
-                     device: torch.device, part: str) -> tuple[np.ndarray, np.ndarray]:
+                     device: torch.device, parts: Sequence[str] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{part: (maps at the input size, image scores)} for ``parts`` of the model's maps (None: all)."""
     size = (detector.image_size, detector.image_size)
-    maps, scores = [], []
+    maps: dict[str, list[torch.Tensor]] = {}
+    scores: dict[str, list[torch.Tensor]] = {}
     for batch in inputs.split(config.inference.batch_size):
         with autocast(device, config.run.precision):
             grid, own = detector.grid_output_from(batch.to(device))
-        part_map = detector.to_size({part: grid[part]}, size)[part].float()
-        # The model's own image score (PatchCore's reweighting) belongs to its combined map.
-        own = own if part == "combined" else None
-        scores.append((own if own is not None else image_scores(part_map, detector.score)).float().cpu())
-        maps.append(part_map.cpu())
-    return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+        resized = detector.to_size({part: grid[part] for part in (grid if parts is None else parts)}, size)
+        for part, part_map in resized.items():
+            part_map = part_map.float()
+            # The model's own image score (PatchCore's reweighting) belongs to its combined map.
+            score = own if own is not None and part == "combined" else image_scores(part_map, detector.score)
+            scores.setdefault(part, []).append(score.float().cpu())
+            maps.setdefault(part, []).append(part_map.cpu())
+    return {part: (torch.cat(maps[part]).numpy(), torch.cat(scores[part]).numpy()) for part in maps}
+
+
+def synthetic_maps_of_parts(detector: AnomalyDetector, inputs: ScoringInputs, config: ExperimentConfig,
+                            device: torch.device, parts: Sequence[str] | None = None) -> dict[str, SyntheticMaps]:
+    """The detector's maps (``combined`` and the parts it is made of, or only ``parts``) and image
+    scores of the set from its model inputs (:func:`scoring_inputs`), in one pass over the set."""
+    with _eval_mode(detector), torch.no_grad():
+        clean = _maps_and_scores(detector, inputs.clean, config, device, parts)
+        anomalous = _maps_and_scores(detector, inputs.anomalous, config, device, parts)
+    sets = {}
+    for part, (clean_maps, clean_scores) in clean.items():
+        anomalous_maps, anomalous_scores = anomalous[part]
+        if not (np.isfinite(clean_maps).all() and np.isfinite(anomalous_maps).all()):
+            raise TrainingError(f"{inputs.folder}: the model's {part} maps of the synthetic-anomaly validation set "
+                                "have NaN/inf values: the training diverged (try a lower learning rate)")
+        sets[part] = SyntheticMaps(clean_maps, clean_scores, anomalous_maps, anomalous_scores, inputs.masks)
+    return sets
 
 
 def synthetic_maps(detector: AnomalyDetector, inputs: ScoringInputs, config: ExperimentConfig,
-                   device: torch.device, part: str = "combined") -> SyntheticMaps:
-    """The detector's maps (``part``: the combined map, or one of the parts it is made of) and
-    image scores of the set from its model inputs (:func:`scoring_inputs`)."""
-    with _eval_mode(detector), torch.no_grad():
-        clean_maps, clean_scores = _maps_and_scores(detector, inputs.clean, config, device, part)
-        anomalous_maps, anomalous_scores = _maps_and_scores(detector, inputs.anomalous, config, device, part)
-    if not (np.isfinite(clean_maps).all() and np.isfinite(anomalous_maps).all()):
-        raise TrainingError(f"{inputs.folder}: the model's {part} maps of the synthetic-anomaly validation set have "
-                            "NaN/inf values: the training diverged (try a lower learning rate)")
-    return SyntheticMaps(clean_maps, clean_scores, anomalous_maps, anomalous_scores, inputs.masks)
+                   device: torch.device) -> SyntheticMaps:
+    """The combined map's :class:`SyntheticMaps` alone (a sweep's validation pass)."""
+    return synthetic_maps_of_parts(detector, inputs, config, device, ("combined",))["combined"]
 
 
-def part_metrics(detector: AnomalyDetector, inputs: ScoringInputs, config: ExperimentConfig,
-                 device: torch.device) -> dict[str, float | None]:
-    """``val_synthetic_*_<part>`` for every part of the model's combined map (EfficientAD's and
+def part_metrics(sets: dict[str, SyntheticMaps], pro_fpr_limit: float) -> dict[str, float | None]:
+    """``val_synthetic_*_<part>`` for every part of a combined map in ``sets`` (EfficientAD's and
     EfficientAD-AST's ``st`` and ``ae``, the AST teacher's ``teacher``): which part finds and
     localises the anomalies, still without a test label. Empty for a model with one map."""
-    with _eval_mode(detector), torch.no_grad(), autocast(device, config.run.precision):
-        grid, _ = detector.grid_output_from(inputs.clean[:1].to(device))
-    return {f"{name}_{part}": value
-            for part in grid if part != "combined"
-            for name, value in synthetic_maps(detector, inputs, config, device, part)
-            .metrics(config.evaluation.pro_fpr_limit).items()}
+    return {f"{name}_{part}": value for part, found in sets.items() if part != "combined"
+            for name, value in found.metrics(pro_fpr_limit).items()}
 
 
 def synthetic_validation_metrics(detector: AnomalyDetector, inputs: ScoringInputs, config: ExperimentConfig,
