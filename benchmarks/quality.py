@@ -22,12 +22,13 @@ end: test metrics are printed as they come and never used to choose.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from effad_hpc.config import load_config
+from effad_hpc.config import load_config, parse_config
 from effad_hpc.errors import EffadError
 from effad_hpc.evaluation import evaluate_category
 from effad_hpc.evaluation.synthetic_validation import objective_value
@@ -91,8 +92,12 @@ def main() -> None:
     fixed = [f"data.root={args.data}", f"data.categories=[{args.category}]", "data.synthetic=null",
              f"run.shared_dir={out / 'shared'}"]
 
+    # Read once: every variant applies its overrides to this document, so editing the YAML while
+    # the benchmark runs cannot change the variants that follow.
+    document = load_config(args.config, [*args.overrides, *fixed]).model_dump(mode="json")
+
     def config_for(variant: str, overrides: list[str]):
-        return load_config(args.config, [*args.overrides, *overrides, *fixed, f"run.out_dir={out / variant}"])
+        return parse_config(copy.deepcopy(document), args.config, [*overrides, f"run.out_dir={out / variant}"])
 
     base = config_for("base", [])
     models = list(dict.fromkeys([REFERENCE, *(args.models or base.models)]))
