@@ -3,6 +3,7 @@ metric that tells a map that finds the anomalies from one that does not."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -35,6 +36,18 @@ def test_the_set_is_the_same_in_every_run_folder_and_a_rerun_skips(tmp_path, cat
                                         "fabric")
     assert _bytes(other) != _bytes(first)
     assert {a.kind for a in first.anomalies} == {"cut_paste", "noise_blend"}
+
+
+def test_a_copy_of_the_data_with_new_file_times_draws_the_same_set(tmp_path, category):
+    # A new checkout or `cp` without -p changes every file time: the cache key changes with them,
+    # the anomalies must not, or each copy would validate (and choose) on another set.
+    copy = tmp_path / "copy"
+    shutil.copytree(category, copy, copy_function=shutil.copyfile)  # contents only: new times
+    for path in (copy / "fabric").rglob("*"):
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    first = ensure_validation_anomalies(tiny_config(category, tmp_path / "a"), "fabric")
+    copied = ensure_validation_anomalies(tiny_config(copy, tmp_path / "b"), "fabric")
+    assert first.key != copied.key and _bytes(first) == _bytes(copied)
 
 
 def test_anomalies_change_only_their_masked_pixels_of_a_validation_image(tmp_path, category):

@@ -36,7 +36,7 @@ from effad_hpc.data.synthetic.render import smooth_noise
 from effad_hpc.errors import DataError
 from effad_hpc.utils.atomic import atomic_path, atomic_write_json, exclusive_lock
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: drawn from the files' names, not their times
 MANIFEST = "manifest.json"
 
 
@@ -140,12 +140,16 @@ def _noise_blend(target: np.ndarray, source: np.ndarray, rng: np.random.Generato
 KINDS = {"cut_paste": _cut_paste, "noise_blend": _noise_blend}
 
 
-def _draw(config: ExperimentConfig, train: list[Sample], validation: list[Sample], key: str,
+def _draw(config: ExperimentConfig, category: str, train: list[Sample], validation: list[Sample],
           folder: Path) -> list[Anomaly]:
     settings = config.validation_anomalies
+    # Drawn from what names the data, not from the key: the key hashes file times, and a copy of
+    # the data (a new checkout, cp without -p) must give the same set, or every validation score,
+    # threshold and choice made on it would change with the copy.
+    names = stable_hash([category, [s.sample_id for s in train], [s.sample_id for s in validation]])
     anomalies = []
     for index in range(settings.count):
-        rng = np.random.default_rng([settings.seed, index, int(key[:8], 16)])
+        rng = np.random.default_rng([settings.seed, index, int(names[:8], 16)])
         target = validation[index % len(validation)]
         kind = settings.kinds[index % len(settings.kinds)]
         image = np.asarray(read_rgb(target.path))
@@ -198,7 +202,7 @@ def ensure_validation_anomalies(config: ExperimentConfig, category: str) -> Anom
     with exclusive_lock(folder.parent / f".{key}.lock"):
         anomalies = _intact(folder, key, validation)
         if anomalies is None:
-            anomalies = _draw(config, train, validation, key, folder)
+            anomalies = _draw(config, category, train, validation, folder)
             atomic_write_json(folder / MANIFEST, {"key": key, "version": GENERATOR_VERSION, "category": category,
                                                   "anomalies": [{"image": a.image.name, "mask": a.mask.name,
                                                                  "source": a.source.sample_id, "kind": a.kind,
