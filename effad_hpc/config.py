@@ -398,8 +398,10 @@ class ValidationAnomaliesConfig(Section):
     images, each with its mask, the same for every trial and model of a config's data. It gives a
     label-free score (``val_synthetic_*``) that sweeps rank trials on; no test file is read."""
 
-    count: PositiveInt = 20
-    """Anomalous images per category (drawn round-robin over the validation images and kinds)."""
+    count: PositiveInt = 100
+    """Anomalous images per category (drawn round-robin over the validation images and kinds).
+    Choices rest on it: on the real cookie photos four draws of 20 put EfficientAD-AST's AU-PRO above
+    PatchCore's and spread the score by 0.07; with 100 the order is the test's (README, quality)."""
     seed: int = 0
     kinds: Annotated[list[Literal["cut_paste", "noise_blend"]], Field(min_length=1)] = ["cut_paste", "noise_blend"]
     """``cut_paste``: a recoloured, rotated patch of another training image; ``noise_blend``: a

@@ -40,6 +40,7 @@ def tiny_config_dict(data_root: Path, out_dir: Path, layout: str = "mvtec_ad") -
         "backbone": {"name": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"]},
         "features": {"dtype": "float32", "compression": "gzip", "shards": 2, "batch_size": 4},
         "run": {"out_dir": str(out_dir), "device": "cpu"},
+        "validation_anomalies": {"count": 20},  # the default 100 makes choices; tests check the mechanics
     }
 
 
