@@ -159,7 +159,10 @@ class TeacherConfig(TrainedStage):
     hidden_channels: PositiveInt = 1024
     kernel_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [3, 3, 3, 5]
     clamp: PositiveFloat = 3.0
-    pos_enc_channels: Annotated[int, Field(gt=0, multiple_of=4)] = 32
+    pos_enc_channels: Annotated[int, Field(ge=0, multiple_of=4)] = 32
+    """Channels of the 2-D positional encoding that conditions the flow and is appended to the
+    students' input (AST's method); ``0``: position-free, the features alone (leaderboard variant
+    ``position-free``)."""
     feature_grid: Literal["coarsest", "finest", "patches"] = "coarsest"
     """How several ``backbone.layers`` make the input of the flow and of its students (AST and
     EfficientAD-AST): concatenated on the coarsest grid, finer layers average-pooled (the thesis,

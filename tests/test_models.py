@@ -59,6 +59,31 @@ def test_soft_clamp_is_clamp_0636_atan_of_s_over_clamp(raw, clamped):
     torch.testing.assert_close(z.flatten().sort().values, scaled.sort().values, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pos_enc_channels, equivariant", [(0, True), (8, False)])
+def test_a_position_free_model_scores_a_shifted_pattern_the_same(pos_enc_channels, equivariant):
+    """pos_enc_channels 0: no condition, so the teacher's z and the students' maps of a shifted
+    feature map are the shifted maps, away from the zero-padded border (2 blocks of kernels 3 and 5
+    see 12 positions around); with the positional encoding they are not."""
+    model = build_model("efficientad_ast", feature_channels=6, map_size=32,
+                        teacher=TEACHER | {"pos_enc_channels": pos_enc_channels}, hidden_channels=8,
+                        residual_blocks=1, ae_channels=4, ae_upsampling_stages=1).eval()
+    _randomize(model)
+    generator = torch.Generator().manual_seed(1)
+    for parameter in model.teacher.flow.parameters():  # frozen, so _randomize left it the identity
+        if parameter.is_floating_point():
+            parameter.data = 0.2 * torch.randn(parameter.shape, generator=generator)
+    features = torch.randn(1, 6, 32, 32, generator=torch.Generator().manual_seed(2))
+    shifted = torch.roll(features, shifts=(3, 3), dims=(2, 3))
+    with torch.no_grad():
+        z, z_shifted = model.teacher_z(features), model.teacher_z(shifted)
+        st, st_shifted = model.maps(features)["st"], model.maps(shifted)["st"]
+    inside = (slice(None), slice(None), slice(15, 17), slice(15, 17))
+    same_z = torch.allclose(torch.roll(z, shifts=(3, 3), dims=(2, 3))[inside], z_shifted[inside], atol=1e-4)
+    same_st = torch.allclose(torch.roll(st, shifts=(3, 3), dims=(1, 2))[inside[1:]], st_shifted[inside[1:]],
+                             atol=1e-4)
+    assert same_z == same_st == equivariant
+
+
 def test_positional_encoding_distinguishes_every_position():
     encoding = positional_encoding_2d(32, 5, 7)
     assert encoding.shape == (32, 5, 7)

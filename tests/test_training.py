@@ -220,6 +220,18 @@ def test_trained_model_separates_defective_from_good_images(make_config, synthet
     assert roc_auc_score(labels, [scores[i] for i in range(len(samples))]) >= 0.9
 
 
+def test_a_position_free_hybrid_trains_and_loads_under_its_variant(make_config):
+    _, config = make_config(SMALL_NETS | {"models": ["efficientad_ast"], "data.categories": ["fabric"],
+                                          "teacher.pos_enc_channels": 0})
+    train(config, "efficientad_ast", "fabric", show_progress=False)
+    detector = load_detector(config, "efficientad_ast", "fabric", torch.device("cpu"))
+    assert detector.model.teacher.positions.shape[0] == 0
+    assert detector.model.student[0].in_channels == detector.model.feature_channels  # the features alone
+    maps = detector.grid_maps(torch.rand(2, 3, 64, 64))
+    assert all(torch.isfinite(m).all() for m in maps.values())
+    assert recipe("efficientad_ast").variant(config) == "position-free"
+
+
 @pytest.mark.parametrize("feature_grid", ["finest", "patches"])
 def test_finer_grids_and_map_normalisation_train_and_load(make_config, feature_grid):
     """teacher.feature_grid: finest (or patches, 3x3-averaged first) gives the stride-8 grid of two

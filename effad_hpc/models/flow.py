@@ -3,7 +3,7 @@
 Each block is a fixed random channel permutation followed by a GLOW-style affine coupling (both
 halves transformed in turn). Coupling subnets are conv(k) -> ReLU -> conv(k); the multiplicative
 part is soft-clamped as ``clamp * 0.636 * atan(s / clamp)``; the 2-D positional encoding is the
-condition of every coupling.
+condition of every coupling (a condition of 0 channels makes the flow position-free).
 """
 
 from __future__ import annotations

@@ -188,6 +188,8 @@ def _variant(config: ExperimentConfig, hybrid: bool) -> str:
         switches.append("quantile-normalised maps")
     if config.teacher.feature_grid != "coarsest":
         switches.append(f"{config.teacher.feature_grid} grid")
+    if config.teacher.pos_enc_channels == 0:
+        switches.append("position-free")
     if hybrid and config.student.smoothing_sigma > 0:
         switches.append(f"smoothed maps (sigma {config.student.smoothing_sigma:g})")
     return " + ".join(switches) or PAPER_METHOD
