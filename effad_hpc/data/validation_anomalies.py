@@ -11,10 +11,11 @@ category's validation images (good) with a region replaced, and the region's mas
   transformed training image (rotated, channel-permuted, contrast-inverted) shows through with a
   random opacity.
 
-The set is drawn once per category from ``validation_anomalies.seed`` and the fingerprints of the
-train and validation files, written as PNG images and masks (0/255) with a ``manifest.json``
-(written last), and reused by every trial and model of every run that shares the folder. It
-reads no test image and no mask of the test split.
+The set is drawn once per category from ``validation_anomalies.seed`` and the names of the train
+and validation files (so a copy of the data draws the same set), written as PNG images and masks
+(0/255) with a ``manifest.json`` (written last) into a folder keyed by the files' fingerprints
+(so changed data draws anew), and reused by every trial and model of every run that shares the
+folder. It reads no test image and no mask of the test split.
 """
 
 from __future__ import annotations
