@@ -39,10 +39,9 @@ class ASTTeacher(nn.Module):
     def __init__(self, feature_channels: int, map_size: int, pos_enc_channels: int = 32, coupling_blocks: int = 4,
                  hidden_channels: int = 1024, kernel_sizes: Sequence[int] = (3, 3, 3, 5), clamp: float = 3.0):
         super().__init__()
-        # pos_enc_channels 0: a position-free teacher and students (no condition; the features alone).
-        positions = (positional_encoding_2d(pos_enc_channels, map_size, map_size) if pos_enc_channels
-                     else torch.zeros(0, map_size, map_size))
-        self.register_buffer("positions", positions, persistent=False)
+        # pos_enc_channels 0: an empty encoding, so a position-free teacher and students (the features alone).
+        self.register_buffer("positions", positional_encoding_2d(pos_enc_channels, map_size, map_size),
+                             persistent=False)
         self.flow = FlowTeacher(feature_channels, pos_enc_channels, map_size, coupling_blocks, hidden_channels,
                                 kernel_sizes, clamp)
 

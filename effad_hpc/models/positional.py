@@ -12,6 +12,8 @@ def positional_encoding_2d(channels: int, height: int, width: int) -> torch.Tens
     the second half the row, each as interleaved sines and cosines of geometric frequencies."""
     if channels % 4:
         raise ValueError(f"positional encoding needs a multiple of 4 channels, got {channels}")
+    if channels == 0:  # no encoding: a position-free model appends nothing
+        return torch.zeros(0, height, width)
     half = channels // 2
     frequencies = torch.exp(torch.arange(0, half, 2, dtype=torch.float32) * (-math.log(10000.0) / half))
     columns = torch.arange(width, dtype=torch.float32)[:, None] * frequencies  # (W, half/2)
