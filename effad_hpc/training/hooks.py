@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import nn
 
 
@@ -54,8 +55,16 @@ def listening(listener: ValidationListener) -> Iterator[None]:
 
 
 def announce(event: Validated) -> None:
-    for listener in list(_listeners):
-        listener(event)
+    """Call the listeners with the random state forked: what they draw (a backbone's random
+    initialisation before its weights load, a DataLoader's base seed, ...) leaves the stage's next
+    dropout masks as they would be without them, so a scored run trains the same model as one
+    nobody listens to."""
+    if not _listeners:
+        return
+    device = next(event.model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for listener in list(_listeners):
+            listener(event)
 
 
 def rounds(progress: int, total: int, every: int) -> tuple[int, int]:

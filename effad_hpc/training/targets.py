@@ -73,7 +73,10 @@ class TeacherTargets(FeatureSource):
         self.source, self.path = source, Path(folder) / TARGETS_FILE
         self.device, self.channels, self.map_size = source.device, source.channels, source.map_size
         if not _complete(self.path, key):
-            _write(self.path, key, source, teacher, batch_size)
+            # Each pass over a DataLoader draws its base seed from the global generator: forked, so
+            # that a run which finds the targets written (a rerun) draws the same dropout masks.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                _write(self.path, key, source, teacher, batch_size)
         self._handle: h5py.File | None = None
 
     def size(self, split: str) -> int:
