@@ -31,7 +31,7 @@ from pathlib import Path
 from effad_hpc.config import load_config, parse_config
 from effad_hpc.errors import EffadError
 from effad_hpc.evaluation import evaluate_category
-from effad_hpc.evaluation.synthetic_validation import objective_value
+from effad_hpc.evaluation.synthetic_validation import objective_value, selecting
 from effad_hpc.training import train
 from effad_hpc.utils.atomic import atomic_write_json
 
@@ -59,7 +59,8 @@ def _variant(text: str) -> tuple[str, list[str]]:
 
 def _row(config, model: str, category: str, variant: str) -> dict:
     started = time.monotonic()
-    train(config, model, category, show_progress=False)
+    with selecting(config):
+        train(config, model, category, show_progress=False)
     result = evaluate_category(config, model, category, show_progress=False)
     metrics = result["metrics"]
     return {"model": model, "variant": variant, **{name: metrics.get(name) for name, _, _ in COLUMNS},

@@ -103,13 +103,16 @@ def _models_and_categories(args: argparse.Namespace, config) -> tuple[list[str],
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from effad_hpc.evaluation.synthetic_validation import selecting
     from effad_hpc.training import stage_folder, train
 
     config = _load(args)
     models, categories = _models_and_categories(args, config)
     for category in categories:
         for model in models:
-            for record in train(config, model, category, args.stage, show_progress=not args.quiet):
+            with selecting(config):
+                records = train(config, model, category, args.stage, show_progress=not args.quiet)
+            for record in records:
                 state = ", stopped early" if record.stopped_early else ""
                 print(f"{category} {model} {record.stage}: best {record.best_epoch} of {record.final_epoch} "
                       f"epochs/steps{state}, validation {record.best_validation:.5g}, {record.train_seconds:.1f} s: "

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -193,6 +193,14 @@ class PenaltySettings(Section):
         return self.penalty_images if self.penalty else None
 
 
+SyntheticScore = Literal["val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_au_pro",
+                         "val_synthetic_mean"]
+"""Label-free scores on the synthetic-anomaly validation set; ``val_synthetic_mean`` is the mean
+of image AUROC and AU-PRO (detection and localisation weigh the same)."""
+SYNTHETIC_SCORES: tuple[str, ...] = get_args(SyntheticScore)
+VALIDATION_LOSS = "validation_loss"
+
+
 class ASTStudentConfig(TrainedStage):
     """The AST baseline's residual student, as its paper trains it (SPEC section 2): 240 epochs,
     no early stopping, no penalty."""
@@ -206,6 +214,13 @@ class ASTStudentConfig(TrainedStage):
     """``cached``: the frozen teacher's z of every sample is computed once, into a file in the
     stage folder, instead of in every epoch (the same values up to float32 rounding across batch
     sizes; see ``effad_hpc/training/targets.py``); ``computed``: by the teacher at every step."""
+    select_by: Literal["validation_loss"] | SyntheticScore = VALIDATION_LOSS
+    """What chooses ``model.pt`` among the validation passes: the loss on the good validation
+    images, or a score of the model on the synthetic-anomaly validation set
+    (``validation_anomalies``), then computed at every validation pass. The loss measures how well
+    the student imitates on good images, not how well the model detects; neither reads a test
+    label. Early stopping (``patience_fraction``) watches the loss either way: the score is too
+    noisy to stop on."""
 
 
 class MapQuantiles(Section):

@@ -9,6 +9,7 @@ import yaml
 
 from effad_hpc.data import read_category
 from effad_hpc.features import FeatureDataset
+from effad_hpc.training import read_log, read_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,9 @@ def test_run_all_in_process_generates_data_extracts_trains_and_evaluates(tmp_pat
                                 "synthetic": {"size": 48, "num_train": 4, "num_validation": 2,
                                               "num_test_good": 2, "num_test_per_defect": 1}},
         "teacher": {"hidden_channels": 16, "epochs": 1},
-        "student": {"hidden_channels": 16, "residual_blocks": 1, "epochs": 1},
+        # select_by: the jobs score every validation pass on the synthetic-anomaly set.
+        "student": {"hidden_channels": 16, "residual_blocks": 1, "epochs": 2, "select_by": "val_synthetic_mean"},
+        "validation_anomalies": {"count": 10},
         "evaluation": {"latency_repeats": 2},
         "run": {"out_dir": str(tmp_path / "run"), "device": "cpu"},
     }
@@ -61,8 +64,13 @@ def test_run_all_in_process_generates_data_extracts_trains_and_evaluates(tmp_pat
     for category in ("parts_tray", "pin_board"):
         assert len(FeatureDataset(tmp_path / "run" / "features" / category, "validation")) == 2
         assert (tmp_path / "run" / "train" / category / "student_ae" / "model.pt").is_file()
+        record = read_record(tmp_path / "run" / "train" / category / "student_ae")
+        log = read_log(tmp_path / "run" / "train" / category / "student_ae")
+        assert record.selected_by == "val_synthetic_mean" and len(log) == 2
+        assert record.best_selected == max(float(row["val_synthetic_mean"]) for row in log)
         metrics = json.loads((tmp_path / "run" / "efficientad_ast" / "results" / category / "metrics.json").read_text())
         assert metrics["dataset"] == "synthetic_data" and metrics["layout"] == "mvtec_loco"
+        assert metrics["variant"] == "selected by val_synthetic_mean"
         assert "au_spro_0.05_mean" in metrics["metrics"]
     assert (tmp_path / "run" / "config.yaml").read_text().startswith("# config hash: ")
 

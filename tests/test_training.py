@@ -14,7 +14,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from effad_hpc.data import load_category
-from effad_hpc.errors import CheckpointError, ConfigError, DataError
+from effad_hpc.errors import CheckpointError, ConfigError, DataError, TrainingError
 from effad_hpc.training import load_detector, predict, read_log, read_record, recipe, stage_dir, train
 from effad_hpc.training.artifacts import BEST_MODEL, LAST_CHECKPOINT, load_state
 from effad_hpc.training.loop import StageRun, _validate
@@ -253,3 +253,44 @@ def test_finer_grids_and_map_normalisation_train_and_load(make_config, feature_g
     st, ae = detector.model.raw_maps(features)
     assert quantiles[0, 1] == pytest.approx(torch.quantile(st.flatten(), 0.995).item(), rel=1e-5)
     assert quantiles[1, 0] == pytest.approx(torch.quantile(ae.flatten(), 0.9).item(), rel=1e-5)
+
+
+def test_a_student_selected_by_the_synthetic_score_keeps_the_pass_with_the_best_score(make_config):
+    """``student.select_by``: every validation pass is scored on the synthetic-anomaly set and the
+    best score chooses model.pt (which scores the same when loaded), while early stopping still
+    watches the validation loss and the scoring leaves the training as it is (the same losses as
+    a run selected by the loss); without a scoring listener the stage stops with an error that
+    names the setting."""
+    from effad_hpc.evaluation.synthetic_validation import TrainingScorer, selecting, synthetic_validation_metrics
+
+    settings = SMALL_NETS | {"student.epochs": 6, "student.patience_fraction": 0.25,
+                             "student.map_normalization": "quantile"}
+    _, plain = make_config(settings)
+    train(plain, "efficientad_ast", "fabric", show_progress=False)
+    plain_log = read_log(stage_dir(plain, "fabric", "student_ae"))
+    _, config = make_config(settings | {"student.select_by": "val_synthetic_au_pro"})
+    with pytest.raises(TrainingError, match="select_by is val_synthetic_au_pro"):
+        train(config, "efficientad_ast", "fabric", show_progress=False)
+    with selecting(config):
+        record = train(config, "efficientad_ast", "fabric", show_progress=False)[-1]
+    log = read_log(stage_dir(config, "fabric", "student_ae"))
+    scores = [float(row["val_synthetic_au_pro"]) for row in log]
+    assert len(scores) == record.final_epoch and all(0 < s <= 1 for s in scores)
+    assert record.selected_by == "val_synthetic_au_pro"
+    assert record.best_selected == pytest.approx(max(scores)) == scores[record.best_epoch - 1]
+    assert scores.index(max(scores)) == record.best_epoch - 1  # the first pass with the best score
+    assert record.best_validation == pytest.approx(float(log[record.best_epoch - 1]["validation"]))
+    losses = [float(row["validation"]) for row in log]
+    assert losses == [float(row["validation"]) for row in plain_log]  # scoring drew no dropout mask
+    # This seeded run's score is best at a pass where the loss is not: the two rules differ here.
+    assert losses.index(min(losses)) != record.best_epoch - 1
+    assert record.stopped_early == (record.final_epoch < 6)
+    if record.stopped_early:  # ceil(0.25 * 6) passes without a lower loss, whatever the score did
+        assert record.final_epoch - (losses.index(min(losses)) + 1) == 2
+
+    detector = load_detector(config, "efficientad_ast", "fabric", torch.device("cpu"))
+    inputs = TrainingScorer(config, "efficientad_ast", torch.device("cpu")).inputs("fabric", detector)
+    loaded = synthetic_validation_metrics(detector, inputs, config, torch.device("cpu"))
+    # The loaded detector runs in inference's layout: its maps differ in float rounding only.
+    assert loaded["val_synthetic_au_pro"] == pytest.approx(record.best_selected, abs=1e-4)
+    assert recipe("efficientad_ast").variant(config).endswith("selected by val_synthetic_au_pro")

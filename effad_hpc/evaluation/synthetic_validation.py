@@ -3,7 +3,7 @@
 Image AUROC of the anomalous images against the clean validation images, and pixel AUROC and
 AU-PRO (to ``evaluation.pro_fpr_limit``) of the maps against the masks, all at the detector's
 input size: cheap enough to run at every validation pass of a training stage (a sweep's
-objective), and the same numbers on every trial and model.
+objective, a stage's ``select_by``), and the same numbers on every trial and model.
 """
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ import numpy as np
 import torch
 
 from effad_hpc.config import ExperimentConfig
-from effad_hpc.data.validation_anomalies import AnomalySet
-from effad_hpc.errors import TrainingError
 from effad_hpc.data.mvtec import GroundTruthRegion
+from effad_hpc.data.validation_anomalies import AnomalySet, ensure_validation_anomalies
+from effad_hpc.errors import TrainingError
 from effad_hpc.evaluation.metrics import PixelCurves, ThresholdScores, auroc, best_f1, pro_regions
+from effad_hpc.features.backbones import FeatureExtractor
 from effad_hpc.models import AnomalyDetector, image_scores
-from effad_hpc.utils.device import autocast
+from effad_hpc.training import MODELS
+from effad_hpc.training.detector import as_detector, model_input
+from effad_hpc.training.hooks import Validated, listening
+from effad_hpc.utils.device import autocast, resolve_device
 
+METRICS = ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_au_pro")
+"""What :meth:`SyntheticMaps.metrics` computes; ``val_synthetic_mean`` derives from them (:func:`objective_value`)."""
 CURVE_BINS = 1000
 """Thresholds of the pixel curves: the set has some 10^6 pixels, not a test split's 10^8."""
 
@@ -53,6 +59,7 @@ class SyntheticMaps:
         return curves
 
     def metrics(self, pro_fpr_limit: float) -> dict[str, float | None]:
+        """The :data:`METRICS`."""
         labels = np.r_[np.zeros(len(self.clean_scores)), np.ones(len(self.anomalous_scores))]
         return {"val_synthetic_image_auroc": auroc(labels, np.r_[self.clean_scores, self.anomalous_scores]),
                 "val_synthetic_pixel_auroc": self.curves.auroc(),
@@ -178,3 +185,67 @@ def objective_value(metrics: dict[str, float | None], objective: str) -> float:
         return float(sum(parts) / len(parts)) if parts else math.nan
     value = metrics.get(objective)
     return math.nan if value is None else float(value)
+
+
+class TrainingScorer:
+    """Scores one model's final stage while it trains (a sweep trial, a stage's ``select_by``):
+    the model as it is at a validation pass, with the extractor of its inputs built once and the
+    set of each category through it computed once."""
+
+    def __init__(self, config: ExperimentConfig, model_name: str, device: torch.device):
+        self.config, self.model_name, self.device = config, model_name, device
+        self._inputs: tuple[str, ScoringInputs] | None = None  # one category's: categories train one by one
+
+    @functools.cached_property
+    def extractor(self) -> FeatureExtractor | None:
+        extractor = model_input(self.config, self.model_name).extractor
+        return extractor.to(self.device) if extractor is not None else None
+
+    def inputs(self, category: str, detector: AnomalyDetector) -> ScoringInputs:
+        """The category's set through ``detector``'s extractor (built at the first call)."""
+        if self._inputs is None or self._inputs[0] != category:
+            anomalies = ensure_validation_anomalies(self.config, category)
+            self._inputs = category, scoring_inputs(detector, anomalies, self.config, self.device)
+        return self._inputs[1]
+
+    def metrics(self, event: Validated) -> dict[str, float | None]:
+        """The ``val_synthetic_*`` metrics of ``event.model`` as if training ended at this pass;
+        the model is left in the mode it was in."""
+        was_training = event.model.training
+        try:
+            if event.ready is not None:
+                event.ready()
+            detector = as_detector(self.config, self.model_name, event.model, self.extractor)
+            return synthetic_validation_metrics(detector, self.inputs(event.category, detector), self.config,
+                                                self.device)
+        finally:
+            event.model.train(was_training)
+
+
+class SelectionScorer:
+    """The validation listener behind ``select_by``: adds the ``val_synthetic_*`` metrics, and the
+    one a stage selects by, to the row of every validation pass of a stage that asks for them."""
+
+    def __init__(self, config: ExperimentConfig, device: torch.device):
+        self.config, self.device = config, device
+        self._scorers: dict[str, TrainingScorer] = {}
+
+    def __call__(self, event: Validated) -> None:
+        if event.selects_by is None or event.selects_by in event.row:
+            return
+        ending = [model.name for model in MODELS.values() if model.stages[-1] == event.stage]
+        if not ending:
+            raise TrainingError(f"{event.stage} ({event.category}): select_by {event.selects_by} scores a detector, "
+                                f"and no model ends with the stage {event.stage}")
+        scorer = self._scorers.setdefault(ending[0], TrainingScorer(self.config, ending[0], self.device))
+        metrics = scorer.metrics(event)
+        event.row.update(metrics)
+        event.row[event.selects_by] = objective_value(metrics, event.selects_by)
+
+
+@contextmanager
+def selecting(config: ExperimentConfig) -> Iterator[None]:
+    """Score the stages trained inside this block that select their model by a ``val_synthetic_*``
+    score (``select_by``); stages that select by their validation loss are left alone."""
+    with listening(SelectionScorer(config, resolve_device(config.run.device, config.run.precision))):
+        yield

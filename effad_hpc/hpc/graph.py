@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from effad_hpc.config import ExperimentConfig
 from effad_hpc.evaluation import evaluate_category
 from effad_hpc.evaluation.evaluate import completed_metrics
+from effad_hpc.evaluation.synthetic_validation import selecting
 from effad_hpc.features.extract import extract_category, store_incomplete_reason
 from effad_hpc.training import STAGES, recipe, run_stage
 from effad_hpc.training.artifacts import SHARED
@@ -91,5 +92,6 @@ def run_node(config: ExperimentConfig, node: Node, shard: tuple[int, int] | None
     if node.stage == EVALUATE:
         metrics = evaluate_category(config, node.model, node.category, show_progress=False)["metrics"]
         return f"{node.category} evaluate {node.model}: image AUROC {metrics['image_auroc']}"
-    record = run_stage(config, node.stage, node.category, show_progress=False)
+    with selecting(config):  # a stage that selects its model by a synthetic-anomaly score
+        record = run_stage(config, node.stage, node.category, show_progress=False)
     return f"{node.category} {node.stage}: best epoch {record.best_epoch} of {record.final_epoch}"

@@ -81,11 +81,16 @@ class StageRecord:
     final_epoch: int
     """Epochs; steps for the step-based stages (EfficientAD, distillation); 1 for fitted baselines."""
     best_validation: float
+    """The validation loss of the chosen model (for a fitted baseline, its mean validation score)."""
     stopped_early: bool
     train_seconds: float
     finished_at: str
     resumed_at_epochs: list[int] = field(default_factory=list)
     """Epochs from which an interrupted run (killed, preempted, requeued) was resumed."""
+    selected_by: str = "validation_loss"
+    """What chose the model (a stage's ``select_by``)."""
+    best_selected: float | None = None
+    """The chosen model's value of ``selected_by`` (None where nothing was chosen among passes)."""
     artifacts: dict[str, dict] = field(default_factory=dict)
     """``{file name: {"bytes": size, "sha256": checksum}}`` of what the record vouches for."""
 

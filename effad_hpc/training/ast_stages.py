@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from effad_hpc.config import PAPER_METHOD, ASTStudentConfig, ExperimentConfig
+from effad_hpc.config import PAPER_METHOD, VALIDATION_LOSS, ASTStudentConfig, ExperimentConfig
 from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError
 from effad_hpc.models import AST, ASTTeacher, EfficientADAST, build_model
@@ -112,7 +112,7 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
         targets = TeacherTargets(folder, key, source, model.teacher, settings.batch_size)
     record = fit(StageRun(stage, category, folder, key, settings, model,
                           model.losses if targets is None else _with_targets(model), targets or source, config.seed,
-                          config.run.precision, penalty, finish), show_progress)
+                          config.run.precision, penalty, finish, settings.select_by), show_progress)
     if targets is not None:
         targets.remove()
     return record
@@ -192,6 +192,9 @@ def _variant(config: ExperimentConfig, hybrid: bool) -> str:
         switches.append("position-free")
     if hybrid and config.student.smoothing_sigma > 0:
         switches.append(f"smoothed maps (sigma {config.student.smoothing_sigma:g})")
+    student = config.student if hybrid else config.ast_student
+    if student.select_by != VALIDATION_LOSS:
+        switches.append(f"selected by {student.select_by}")
     return " + ".join(switches) or PAPER_METHOD
 
 

@@ -4,7 +4,9 @@ The loops (:func:`~effad_hpc.training.loop.fit`, :func:`~effad_hpc.training.step
 and the fitted baselines announce a :class:`Validated` event after every validation pass; a
 listener installed with :func:`listening` (a sweep trial reporting to Ray Tune) sees the model as
 it is at that point and may add values to the pass's log row, which is then written to
-``log.csv``. Without a listener nothing happens: training does not depend on who listens.
+``log.csv``. Without a listener nothing happens: training does not depend on who listens, except
+a stage that selects its model by a score on the synthetic-anomaly validation set, which the
+training layer cannot compute and a scoring listener adds (``selects_by``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class Validated:
     ready: Callable[[], None] | None = None
     """Brings ``model`` into its inference state as if training ended now (the map normalisation of
     EfficientAD and of the hybrid, which the stage otherwise sets only after its last step)."""
+    selects_by: str | None = None
+    """The ``row`` entry the stage chooses its model by when that is not its own validation loss
+    (``select_by``, a ``val_synthetic_*`` score): a scoring listener
+    (:func:`effad_hpc.evaluation.synthetic_validation.selecting`) must add it."""
 
 
 class ValidationListener(Protocol):

@@ -6,9 +6,13 @@ or a requeued job, resumes from it and ends exactly as an uninterrupted run woul
 sample order of each epoch is drawn from a generator seeded by (seed, stage, epoch) and the
 global RNG (dropout) is restored from the checkpoint.
 
-Model selection looks only at the validation split (good images): the best validation value
-chooses ``model.pt``, and early stopping ends the stage after ``patience_fraction * epochs``
-epochs without improvement. Test labels are never read here.
+Model selection looks only at validation data: the lowest loss on the validation split (good
+images), or a stage's ``select_by`` score on the synthetic-anomaly validation set (highest),
+chooses ``model.pt``. Early stopping ends the stage after ``patience_fraction * epochs`` epochs
+without a lower validation loss, whatever chooses: the loss is smooth where a score on some 100
+synthetic anomalies moves by about 0.01 from pass to pass and would stop a model that still
+improves. So a model chosen by the score is never chosen among fewer passes than the loss's.
+Test labels are never read here.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from rich.progress import (
 )
 from torch import nn
 
-from effad_hpc.config import Precision, TrainedStage, stable_hash
+from effad_hpc.config import VALIDATION_LOSS, Precision, TrainedStage, stable_hash
 from effad_hpc.errors import DataError, TrainingError
 from effad_hpc.training.artifacts import (
     BEST_MODEL,
@@ -66,6 +70,29 @@ class StageRun:
     """Sets what the trained model needs from data once its weights are final (the hybrid's map
     quantiles): run on the best model before ``model.pt`` is complete, and before the sweep's
     scoring of each validation pass."""
+    select_by: str = VALIDATION_LOSS
+    """What chooses ``model.pt``: the validation loss (lower is better), or a ``val_synthetic_*``
+    score that a scoring listener adds to each validation pass's row (higher is better)."""
+
+    def selected_value(self, row: dict) -> float:
+        """The value of a validation pass's ``row`` that model selection compares."""
+        if self.select_by == VALIDATION_LOSS:
+            return row["validation"]
+        if self.select_by not in row:
+            raise TrainingError(
+                f"{self.stage} ({self.category}): select_by is {self.select_by}, and nothing scored the model on the "
+                "synthetic-anomaly validation set; train through `effad-hpc train` or `run`, or inside "
+                "effad_hpc.evaluation.synthetic_validation.selecting(config)")
+        value = row[self.select_by]
+        if value is None or not math.isfinite(value):
+            raise TrainingError(f"{self.stage} ({self.category}): {self.select_by} is {value} on the synthetic-anomaly "
+                                "validation set; choose another select_by")
+        return value
+
+    def improves(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value < best if self.select_by == VALIDATION_LOSS else value > best
 
 
 def seeded_generator(seed: int, *purpose) -> torch.Generator:
@@ -132,6 +159,12 @@ def _validate(run: StageRun) -> float:
     return value
 
 
+def _lowest_loss_epoch(history: list[dict]) -> int:
+    """The first epoch with the lowest validation loss (0 before the first validation pass)."""
+    validated = [row for row in history if "validation" in row]
+    return min(validated, key=lambda row: row["validation"])["epoch"] if validated else 0
+
+
 def _train_epoch(run: StageRun, epoch: int, optimizer, scaler, progress: Progress, task) -> dict[str, float]:
     run.model.train()
     n = run.source.size("train")
@@ -172,13 +205,13 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
     scaler = grad_scaler(device, run.precision)
     patience = patience_epochs(settings, epochs)
 
-    epoch, best_value, best_epoch, history, elapsed, resumed = 0, math.inf, 0, [], 0.0, []
+    epoch, best_value, best_epoch, history, elapsed, resumed = 0, None, 0, [], 0.0, []
     last = folder / LAST_CHECKPOINT
     if (state := resume_training_state(last, run.key, run.model, optimizer, scheduler, scaler, device)) is not None:
         epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
         best_value, best_epoch = state["best_value"], state["best_epoch"]
         resumed = [*state["resumed_at_epochs"], epoch]
-    stopped_early = patience is not None and epoch - best_epoch >= patience
+    stopped_early = patience is not None and epoch - _lowest_loss_epoch(history) >= patience
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not show_progress) as progress:
@@ -193,12 +226,13 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
             epoch += 1
             if epoch % settings.validate_every == 0 or epoch == epochs:
                 row["validation"] = _validate(run)
-                if row["validation"] < best_value:
-                    best_value, best_epoch = row["validation"], epoch
-                    save_state(run.model.state_dict(), folder / BEST_MODEL)
-                stopped_early = patience is not None and epoch - best_epoch >= patience
                 done, total = rounds(epoch, epochs, settings.validate_every)
-                announce(Validated(run.stage, run.category, done, total, row, run.model, run.finish))
+                announce(Validated(run.stage, run.category, done, total, row, run.model, run.finish,
+                                   None if run.select_by == VALIDATION_LOSS else run.select_by))
+                if run.improves(value := run.selected_value(row), best_value):
+                    best_value, best_epoch = value, epoch
+                    save_state(run.model.state_dict(), folder / BEST_MODEL)
+                stopped_early = patience is not None and epoch - _lowest_loss_epoch([*history, row]) >= patience
             row["seconds"] = time.monotonic() - started
             elapsed += row["seconds"]
             history.append(row)
@@ -206,14 +240,18 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
             save_training_state(last, run.key, run.model, optimizer, scheduler, scaler, device, {
                 "epoch": epoch, "history": history, "elapsed": elapsed, "best_value": best_value,
                 "best_epoch": best_epoch, "resumed_at_epochs": resumed})
-            description = f"{run.category} {run.stage} epochs (validation {best_value:.4g} @ {best_epoch})"
-            progress.update(epochs_task, completed=epoch, description=description)
+            if best_value is not None:
+                description = f"{run.category} {run.stage} epochs ({run.select_by} {best_value:.4g} @ {best_epoch})"
+                progress.update(epochs_task, description=description)
+            progress.update(epochs_task, completed=epoch)
 
     if run.finish is not None:  # again after a kill between this and the record: same weights, same result
         run.model.load_state_dict(load_state(folder / BEST_MODEL))
         run.model.eval()
         run.finish()
         save_state(run.model.state_dict(), folder / BEST_MODEL)
+    best_row = next(row for row in history if row["epoch"] == best_epoch)
     return complete_stage(folder, stage=run.stage, category=run.category, key=run.key, best_epoch=best_epoch,
-                          final_epoch=epoch, best_validation=best_value, stopped_early=stopped_early,
-                          train_seconds=round(elapsed, 3), resumed_at_epochs=resumed)
+                          final_epoch=epoch, best_validation=best_row["validation"], stopped_early=stopped_early,
+                          train_seconds=round(elapsed, 3), resumed_at_epochs=resumed, selected_by=run.select_by,
+                          best_selected=best_value)

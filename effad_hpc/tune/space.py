@@ -28,6 +28,7 @@ from effad_hpc.config import (
     DuplicateKeyError,
     ExperimentConfig,
     Section,
+    SyntheticScore,
     YamlLoader,
     format_errors,
     set_key,
@@ -35,9 +36,6 @@ from effad_hpc.config import (
 )
 from effad_hpc.errors import ConfigError
 
-OBJECTIVES = ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_au_pro", "val_synthetic_mean")
-"""Label-free scores on the synthetic-anomaly validation set; ``val_synthetic_mean`` is the mean
-of image AUROC and AU-PRO (detection and localisation weigh the same)."""
 T = TypeVar("T")
 GRID_CHECK_LIMIT = 256
 """A space of discrete distributions only is checked combination by combination up to this many."""
@@ -123,7 +121,7 @@ class SweepSpec(Section):
     """One Tune experiment per model, each over the same space."""
     categories: list[str] | None = None
     """Tuned together (the objective is the mean over them); default: the config's categories."""
-    objective: Literal[OBJECTIVES] = "val_synthetic_mean"  # type: ignore[valid-type]
+    objective: SyntheticScore = "val_synthetic_mean"
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSettings = SchedulerSettings()
     search: Literal["random", "grid", "optuna"] = "random"

@@ -25,16 +25,15 @@ import torch
 
 from effad_hpc.config import ExperimentConfig, write_resolved_config
 from effad_hpc.data import label_free
-from effad_hpc.data.validation_anomalies import AnomalySet, ensure_validation_anomalies
 from effad_hpc.evaluation.synthetic_validation import (
-    ScoringInputs,
+    METRICS,
+    TrainingScorer,
     objective_value,
-    scoring_inputs,
+    selecting,
     synthetic_validation_metrics,
 )
-from effad_hpc.models import AnomalyDetector
 from effad_hpc.training import recipe, train
-from effad_hpc.training.detector import as_detector, load_detector, model_input
+from effad_hpc.training.detector import load_detector
 from effad_hpc.training.hooks import Validated, listening
 from effad_hpc.tune.space import apply_params
 from effad_hpc.utils.atomic import atomic_write_json
@@ -102,12 +101,10 @@ class TrialReporter:
     def __init__(self, setup: TrialSetup, config: ExperimentConfig, device: torch.device, resumed_round: int):
         self.setup, self.config, self.device = setup, config, device
         self.final_stage = recipe(setup.model).stages[-1]
-        self.extractor = None
+        self.scorer = TrainingScorer(config, setup.model, device)
         self.finished: list[dict[str, float | None]] = []
         self.round_base = 0
         self.category: str | None = None
-        self.anomalies: AnomalySet | None = None
-        self.inputs: ScoringInputs | None = None  # the set through the backbone, once per category
         self.rounds_in_category = 0
         self.resumed_round = resumed_round
         self.record_path = config.run.out_dir / TRIAL_RECORD
@@ -125,7 +122,6 @@ class TrialReporter:
 
     def start(self, category: str) -> None:
         self.category, self.rounds_in_category = category, 0
-        self.anomalies, self.inputs = ensure_validation_anomalies(self.config, category), None
 
     def __call__(self, event: Validated) -> None:
         if event.stage != self.final_stage or event.category != self.category:
@@ -133,16 +129,18 @@ class TrialReporter:
         self.rounds_in_category = event.round
         if not self.setup.scores_round(self.round_base + event.round):
             return  # no scheduler decision at this pass: the synthetic set is not scored
-        if event.ready is not None:
-            event.ready()
-        metrics = self._score(event.model)
-        event.row.update(metrics)  # next to the validation loss in log.csv
+        if all(name in event.row for name in METRICS):  # scored already: the stage selects by the score
+            metrics = {name: event.row[name] for name in METRICS}
+        else:
+            metrics = self.scorer.metrics(event)
+            event.row.update(metrics)  # next to the validation loss in log.csv
         self._report(metrics, self.round_base + event.round, final=False)
 
     def finish(self, category: str, last: bool) -> None:
         """Score the category's trained model (the one evaluation would load) and report it."""
         detector = load_detector(self.config, self.setup.model, category, self.device)
-        metrics = synthetic_validation_metrics(detector, self._inputs(detector), self.config, self.device)
+        metrics = synthetic_validation_metrics(detector, self.scorer.inputs(category, detector), self.config,
+                                               self.device)
         self.finished.append(metrics)
         # A category finished before a retry reports no pass now: it ends at the round it ended at.
         earlier = [report[ROUND] for report in self.reports if report["categories_done"] == len(self.finished)]
@@ -152,22 +150,6 @@ class TrialReporter:
             self.round_base += max(self.rounds_in_category, 1)
         self.rounds_in_category = 0
         self._report(None, self.round_base, final=last)
-
-    def _score(self, model: torch.nn.Module) -> dict[str, float | None]:
-        if self.extractor is None:
-            extractor = model_input(self.config, self.setup.model).extractor
-            self.extractor = extractor.to(self.device) if extractor is not None else None
-        was_training = model.training
-        try:
-            detector = as_detector(self.config, self.setup.model, model, self.extractor)
-            return synthetic_validation_metrics(detector, self._inputs(detector), self.config, self.device)
-        finally:
-            model.train(was_training)
-
-    def _inputs(self, detector: AnomalyDetector) -> ScoringInputs:
-        if self.inputs is None:
-            self.inputs = scoring_inputs(detector, self.anomalies, self.config, self.device)
-        return self.inputs
 
     def _report(self, current: dict[str, float | None] | None, round_: int, final: bool) -> None:
         if round_ <= self.resumed_round:
@@ -179,7 +161,7 @@ class TrialReporter:
             OBJECTIVE: _mean([objective_value(m, self.setup.objective) for m in categories]), ROUND: round_,
             "category": self.category, "categories_done": len(self.finished), "final": final,
             "trial_seconds": round(time.monotonic() - self.started, 3)}
-        for name in ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_au_pro"):
+        for name in METRICS:
             values[name] = _mean([m.get(name) for m in categories])
         self.reports.append(values)
         self._write_record()
@@ -222,7 +204,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
     reporter = TrialReporter(setup, config, resolve_device(config.run.device, config.run.precision), resumed_round())
-    with label_free(), listening(reporter):
+    # The selection scorer listens first: a stage that selects by the score has it in the row
+    # before the reporter looks, and is not scored twice.
+    with label_free(), selecting(config), listening(reporter):
         for index, category in enumerate(setup.categories):
             reporter.start(category)
             train(config, setup.model, category, show_progress=False)
