@@ -26,6 +26,7 @@ from sklearn.metrics import roc_auc_score
 
 from effad_hpc.config import Precision, load_config
 from effad_hpc.data import ImageDataset, categories_of, ensure_dataset, load_category
+from effad_hpc.evaluation.synthetic_validation import selecting
 from effad_hpc.training import load_detector, predict, train
 from effad_hpc.utils.device import autocast, device_record, resolve_device
 
@@ -70,7 +71,8 @@ def main() -> None:
         labels = np.array([s.label for s in samples])
         for model in models:
             started = time.perf_counter()
-            records = train(config, model, category, show_progress=False)
+            with selecting(config):  # as `effad-hpc train`: a stage may select by a synthetic-anomaly score
+                records = train(config, model, category, show_progress=False)
             wall = time.perf_counter() - started
             detector = load_detector(config, model, category, device)
             size = detector.image_size  # the model's input side; its maps come at that size

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -137,9 +137,10 @@ class TrainedStage(Section):
     lr_drop_at: Fraction | None = None
     """Multiply the learning rate by 0.1 after this fraction of the epochs (EfficientAD: 0.95)."""
     validate_every: PositiveInt = 1
-    """Epochs between validation passes; the best checkpoint is chosen on the validation split."""
+    """Epochs between validation passes; ``model.pt`` is the pass chosen on validation data (the
+    lowest loss on the validation split, or the students' ``select_by`` score)."""
     patience_fraction: Fraction | None = None
-    """Early stopping: stop after this fraction of the epochs without a better validation value
+    """Early stopping: stop after this fraction of the epochs without a lower validation loss
     (validation split only, never test labels); ``null`` trains every epoch."""
     feature_source: Literal["stored", "on_the_fly"] = "stored"
     """Read features from the HDF5 store, or run the frozen backbone on every batch."""
@@ -197,7 +198,6 @@ SyntheticScore = Literal["val_synthetic_image_auroc", "val_synthetic_pixel_auroc
                          "val_synthetic_mean"]
 """Label-free scores on the synthetic-anomaly validation set; ``val_synthetic_mean`` is the mean
 of image AUROC and AU-PRO (detection and localisation weigh the same)."""
-SYNTHETIC_SCORES: tuple[str, ...] = get_args(SyntheticScore)
 VALIDATION_LOSS = "validation_loss"
 
 

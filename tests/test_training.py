@@ -271,6 +271,7 @@ def test_a_student_selected_by_the_synthetic_score_keeps_the_pass_with_the_best_
     _, config = make_config(settings | {"student.select_by": "val_synthetic_au_pro"})
     with pytest.raises(TrainingError, match="select_by is val_synthetic_au_pro"):
         train(config, "efficientad_ast", "fabric", show_progress=False)
+    assert read_log(stage_dir(config, "fabric", "student_ae")) == plain_log  # stopped before an epoch
     with selecting(config):
         record = train(config, "efficientad_ast", "fabric", show_progress=False)[-1]
     log = read_log(stage_dir(config, "fabric", "student_ae"))
@@ -294,3 +295,15 @@ def test_a_student_selected_by_the_synthetic_score_keeps_the_pass_with_the_best_
     # The loaded detector runs in inference's layout: its maps differ in float rounding only.
     assert loaded["val_synthetic_au_pro"] == pytest.approx(record.best_selected, abs=1e-4)
     assert recipe("efficientad_ast").variant(config).endswith("selected by val_synthetic_au_pro")
+
+
+def test_a_fitted_baseline_trains_inside_the_selection_scorer(make_config):
+    """``effad-hpc train`` and the jobs train every model inside ``selecting``: a model without
+    parameters (PatchCore's memory bank is a buffer) is announced to it like any other."""
+    from effad_hpc.evaluation.synthetic_validation import selecting
+
+    _, config = make_config()
+    with selecting(config):
+        (record,) = train(config, "patchcore", "fabric", show_progress=False)
+    assert record.stage == "patchcore"
+    assert load_detector(config, "patchcore", "fabric", torch.device("cpu")).model.bank.numel() > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from effad_hpc.features.backbones import FeatureExtractor
 from effad_hpc.models import AnomalyDetector, image_scores
 from effad_hpc.training import MODELS
 from effad_hpc.training.detector import as_detector, model_input
-from effad_hpc.training.hooks import Validated, listening
+from effad_hpc.training.hooks import Validated, scoring
 from effad_hpc.utils.device import autocast, resolve_device
 
 METRICS = ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_au_pro")
@@ -223,29 +223,32 @@ class TrainingScorer:
 
 
 class SelectionScorer:
-    """The validation listener behind ``select_by``: adds the ``val_synthetic_*`` metrics, and the
-    one a stage selects by, to the row of every validation pass of a stage that asks for them."""
+    """The scorer behind ``select_by``: adds the ``val_synthetic_*`` metrics, and the one a stage
+    selects by, to the row of every validation pass of a stage that asks for them."""
 
-    def __init__(self, config: ExperimentConfig, device: torch.device):
+    def __init__(self, config: ExperimentConfig, device: torch.device, shared: TrainingScorer | None = None):
         self.config, self.device = config, device
-        self._scorers: dict[str, TrainingScorer] = {}
+        self._scorers = {shared.model_name: shared} if shared is not None else {}
 
     def __call__(self, event: Validated) -> None:
         if event.selects_by is None or event.selects_by in event.row:
             return
         ending = [model.name for model in MODELS.values() if model.stages[-1] == event.stage]
-        if not ending:
-            raise TrainingError(f"{event.stage} ({event.category}): select_by {event.selects_by} scores a detector, "
-                                f"and no model ends with the stage {event.stage}")
-        scorer = self._scorers.setdefault(ending[0], TrainingScorer(self.config, ending[0], self.device))
-        metrics = scorer.metrics(event)
+        if len(ending) != 1:
+            raise TrainingError(f"{event.stage} ({event.category}): select_by {event.selects_by} scores the detector "
+                                f"that the stage ends, and {len(ending)} models end with it")
+        model_name = ending[0]
+        if model_name not in self._scorers:
+            self._scorers[model_name] = TrainingScorer(self.config, model_name, self.device)
+        metrics = self._scorers[model_name].metrics(event)
         event.row.update(metrics)
         event.row[event.selects_by] = objective_value(metrics, event.selects_by)
 
 
-@contextmanager
-def selecting(config: ExperimentConfig) -> Iterator[None]:
+def selecting(config: ExperimentConfig, shared: TrainingScorer | None = None) -> AbstractContextManager[None]:
     """Score the stages trained inside this block that select their model by a ``val_synthetic_*``
-    score (``select_by``); stages that select by their validation loss are left alone."""
-    with listening(SelectionScorer(config, resolve_device(config.run.device, config.run.precision))):
-        yield
+    score (``select_by``); stages that select by their validation loss are left alone. ``shared``:
+    a scorer the caller already has for its model (a sweep trial's), so its extractor and inputs
+    are built once."""
+    device = shared.device if shared is not None else resolve_device(config.run.device, config.run.precision)
+    return scoring(SelectionScorer(config, device, shared))

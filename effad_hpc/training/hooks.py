@@ -6,13 +6,13 @@ listener installed with :func:`listening` (a sweep trial reporting to Ray Tune) 
 it is at that point and may add values to the pass's log row, which is then written to
 ``log.csv``. Without a listener nothing happens: training does not depend on who listens, except
 a stage that selects its model by a score on the synthetic-anomaly validation set, which the
-training layer cannot compute and a scoring listener adds (``selects_by``).
+training layer cannot compute and a scorer installed with :func:`scoring` adds (``selects_by``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,37 +39,55 @@ class Validated:
     EfficientAD and of the hybrid, which the stage otherwise sets only after its last step)."""
     selects_by: str | None = None
     """The ``row`` entry the stage chooses its model by when that is not its own validation loss
-    (``select_by``, a ``val_synthetic_*`` score): a scoring listener
-    (:func:`effad_hpc.evaluation.synthetic_validation.selecting`) must add it."""
+    (``select_by``, a ``val_synthetic_*`` score): a scorer installed with :func:`scoring`
+    (:func:`effad_hpc.evaluation.synthetic_validation.selecting`) adds it."""
 
 
 class ValidationListener(Protocol):
     def __call__(self, event: Validated) -> None: ...
 
 
+_scorers: list[ValidationListener] = []
 _listeners: list[ValidationListener] = []
 
 
 @contextmanager
-def listening(listener: ValidationListener) -> Iterator[None]:
-    """Call ``listener`` on every validation pass of every stage trained inside this block."""
-    _listeners.append(listener)
+def _installed(registry: list[ValidationListener], listener: ValidationListener) -> Iterator[None]:
+    registry.append(listener)
     try:
         yield
     finally:
-        _listeners.remove(listener)
+        registry.remove(listener)
+
+
+def listening(listener: ValidationListener) -> AbstractContextManager[None]:
+    """Call ``listener`` on every validation pass of every stage trained inside this block."""
+    return _installed(_listeners, listener)
+
+
+def scoring(scorer: ValidationListener) -> AbstractContextManager[None]:
+    """Let ``scorer`` add the ``selects_by`` values of the stages trained inside this block; it is
+    called before every listener, so a listener finds the pass already scored."""
+    return _installed(_scorers, scorer)
+
+
+def scorer_installed() -> bool:
+    """Whether a stage that selects by a score can get one (checked before it trains an epoch)."""
+    return bool(_scorers)
 
 
 def announce(event: Validated) -> None:
-    """Call the listeners with the random state forked: what they draw (a backbone's random
-    initialisation before its weights load, a DataLoader's base seed, ...) leaves the stage's next
-    dropout masks as they would be without them, so a scored run trains the same model as one
-    nobody listens to."""
-    if not _listeners:
+    """Call the scorers, then the listeners, with the random state forked: what they draw (a
+    backbone's random initialisation before its weights load, a DataLoader's base seed, ...)
+    leaves the stage's next dropout masks as they would be without them, so a scored run trains
+    the same model as one nobody listens to."""
+    called = [*_scorers, *_listeners]
+    if not called:
         return
-    device = next(event.model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for listener in list(_listeners):
+    # Only a device that was used has a generator to keep (a baseline's model has no parameters to ask).
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        for listener in called:
             listener(event)
 
 

@@ -44,7 +44,7 @@ from effad_hpc.training.artifacts import (
     save_state,
     write_log,
 )
-from effad_hpc.training.hooks import Validated, announce, rounds
+from effad_hpc.training.hooks import Validated, announce, rounds, scorer_installed
 from effad_hpc.training.sources import FeatureSource, PenaltyImages
 from effad_hpc.utils.device import autocast, grad_scaler
 
@@ -68,31 +68,38 @@ class StageRun:
     penalty: PenaltyImages | None = None
     finish: Callable[[], None] | None = None
     """Sets what the trained model needs from data once its weights are final (the hybrid's map
-    quantiles): run on the best model before ``model.pt`` is complete, and before the sweep's
-    scoring of each validation pass."""
+    quantiles): run on the best model before ``model.pt`` is complete, and before each scoring of
+    a validation pass (a stage's ``select_by``, a sweep's report)."""
     select_by: str = VALIDATION_LOSS
     """What chooses ``model.pt``: the validation loss (lower is better), or a ``val_synthetic_*``
-    score that a scoring listener adds to each validation pass's row (higher is better)."""
+    score that a scorer (:func:`~effad_hpc.training.hooks.scoring`) adds to each validation
+    pass's row (higher is better)."""
 
-    def selected_value(self, row: dict) -> float:
+    def check_scorer(self) -> None:
+        """A stage that selects by a score needs a scorer: known before it trains an epoch."""
+        if self.select_by != VALIDATION_LOSS and not scorer_installed():
+            raise TrainingError(
+                f"{self.stage} ({self.category}): select_by is {self.select_by}, and nothing scores the model on the "
+                "synthetic-anomaly validation set; train through `effad-hpc train` or `run`, or inside "
+                "effad_hpc.evaluation.synthetic_validation.selecting(config)")
+
+    def improves(self, row: dict, best: float | None) -> bool:
+        """Whether the validation pass of ``row`` is better than ``best`` (a score that is not
+        finite, e.g. AU-PRO without an anomalous region, never is)."""
+        value = self.selected_value(row)
+        if value is None or not math.isfinite(value):
+            return False
+        if best is None:
+            return True
+        return value < best if self.select_by == VALIDATION_LOSS else value > best
+
+    def selected_value(self, row: dict) -> float | None:
         """The value of a validation pass's ``row`` that model selection compares."""
         if self.select_by == VALIDATION_LOSS:
             return row["validation"]
         if self.select_by not in row:
-            raise TrainingError(
-                f"{self.stage} ({self.category}): select_by is {self.select_by}, and nothing scored the model on the "
-                "synthetic-anomaly validation set; train through `effad-hpc train` or `run`, or inside "
-                "effad_hpc.evaluation.synthetic_validation.selecting(config)")
-        value = row[self.select_by]
-        if value is None or not math.isfinite(value):
-            raise TrainingError(f"{self.stage} ({self.category}): {self.select_by} is {value} on the synthetic-anomaly "
-                                "validation set; choose another select_by")
-        return value
-
-    def improves(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        return value < best if self.select_by == VALIDATION_LOSS else value > best
+            raise TrainingError(f"{self.stage} ({self.category}): the scorer did not add {self.select_by}")
+        return row[self.select_by]
 
 
 def seeded_generator(seed: int, *purpose) -> torch.Generator:
@@ -159,10 +166,13 @@ def _validate(run: StageRun) -> float:
     return value
 
 
-def _lowest_loss_epoch(history: list[dict]) -> int:
-    """The first epoch with the lowest validation loss (0 before the first validation pass)."""
+def _stops_early(history: list[dict], patience: int | None) -> bool:
+    """Whether ``patience`` epochs passed between the first pass with the lowest validation loss
+    and the last validation pass (passes only: a resumed run decides as an uninterrupted one)."""
     validated = [row for row in history if "validation" in row]
-    return min(validated, key=lambda row: row["validation"])["epoch"] if validated else 0
+    if patience is None or not validated:
+        return False
+    return validated[-1]["epoch"] - min(validated, key=lambda row: row["validation"])["epoch"] >= patience
 
 
 def _train_epoch(run: StageRun, epoch: int, optimizer, scaler, progress: Progress, task) -> dict[str, float]:
@@ -193,6 +203,7 @@ def _train_epoch(run: StageRun, epoch: int, optimizer, scaler, progress: Progres
 def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
     """Train (or resume) the stage to the end and return its completion record."""
     settings, folder = run.settings, run.folder
+    run.check_scorer()
     for split in ("train", "validation"):
         if run.source.size(split) == 0:
             raise DataError(f"{run.category}: the {split} split is empty; {run.stage} needs good {split} images")
@@ -211,7 +222,7 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
         epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
         best_value, best_epoch = state["best_value"], state["best_epoch"]
         resumed = [*state["resumed_at_epochs"], epoch]
-    stopped_early = patience is not None and epoch - _lowest_loss_epoch(history) >= patience
+    stopped_early = _stops_early(history, patience)
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not show_progress) as progress:
@@ -229,13 +240,13 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
                 done, total = rounds(epoch, epochs, settings.validate_every)
                 announce(Validated(run.stage, run.category, done, total, row, run.model, run.finish,
                                    None if run.select_by == VALIDATION_LOSS else run.select_by))
-                if run.improves(value := run.selected_value(row), best_value):
-                    best_value, best_epoch = value, epoch
+                if run.improves(row, best_value):
+                    best_value, best_epoch = run.selected_value(row), epoch
                     save_state(run.model.state_dict(), folder / BEST_MODEL)
-                stopped_early = patience is not None and epoch - _lowest_loss_epoch([*history, row]) >= patience
             row["seconds"] = time.monotonic() - started
             elapsed += row["seconds"]
             history.append(row)
+            stopped_early = _stops_early(history, patience)
             write_log(folder, history)
             save_training_state(last, run.key, run.model, optimizer, scheduler, scaler, device, {
                 "epoch": epoch, "history": history, "elapsed": elapsed, "best_value": best_value,
@@ -245,6 +256,9 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
                 progress.update(epochs_task, description=description)
             progress.update(epochs_task, completed=epoch)
 
+    if best_value is None:
+        raise TrainingError(f"{run.stage} ({run.category}): no validation pass had a finite {run.select_by}; "
+                            "choose another select_by")
     if run.finish is not None:  # again after a kill between this and the record: same weights, same result
         run.model.load_state_dict(load_state(folder / BEST_MODEL))
         run.model.eval()

@@ -204,9 +204,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
     reporter = TrialReporter(setup, config, resolve_device(config.run.device, config.run.precision), resumed_round())
-    # The selection scorer listens first: a stage that selects by the score has it in the row
-    # before the reporter looks, and is not scored twice.
-    with label_free(), selecting(config), listening(reporter):
+    # A stage that selects by the score is scored before the reporter looks, by its scorer.
+    with label_free(), selecting(config, reporter.scorer), listening(reporter):
         for index, category in enumerate(setup.categories):
             reporter.start(category)
             train(config, setup.model, category, show_progress=False)
