@@ -9,7 +9,7 @@ from effad_hpc.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "mvtec_ad.yaml", "mvtec_loco.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "mvtec_ad.yaml", "mvtec_loco.yaml", "real_cpu.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(REPO / "configs" / name)
     assert config.data.root.is_absolute()
