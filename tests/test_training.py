@@ -307,3 +307,16 @@ def test_a_fitted_baseline_trains_inside_the_selection_scorer(make_config):
         (record,) = train(config, "patchcore", "fabric", show_progress=False)
     assert record.stage == "patchcore"
     assert load_detector(config, "patchcore", "fabric", torch.device("cpu")).model.bank.numel() > 0
+
+
+def test_early_stopping_decides_at_validation_passes_only():
+    """With ``validate_every`` > 1 a run resumed between two passes must decide as the
+    uninterrupted run did at the last pass: epochs trained since then count for nothing."""
+    from effad_hpc.training.loop import _stops_early
+
+    passes = [{"epoch": 10, "validation": 1.0}, {"epoch": 20, "validation": 2.0}]
+    between = [*passes, *({"epoch": e} for e in range(21, 28))]  # killed at epoch 27, before the pass at 30
+    assert not _stops_early(between, patience=15)  # 20 - 10 < 15: the last pass decides, not epoch 27
+    assert _stops_early(between, patience=10)
+    assert not _stops_early([{"epoch": e} for e in range(1, 8)], patience=5)  # no pass yet: nothing to stop on
+    assert not _stops_early(passes, patience=None)
