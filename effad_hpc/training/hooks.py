@@ -16,8 +16,9 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
 from torch import nn
+
+from effad_hpc.utils.device import random_state_kept
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,7 @@ def announce(event: Validated) -> None:
     called = [*_scorers, *_listeners]
     if not called:
         return
-    # Only a device that was used has a generator to keep (a baseline's model has no parameters to ask).
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+    with random_state_kept():
         for listener in called:
             listener(event)
 

@@ -83,10 +83,9 @@ class StageRun:
                 "synthetic-anomaly validation set; train through `effad-hpc train` or `run`, or inside "
                 "effad_hpc.evaluation.synthetic_validation.selecting(config)")
 
-    def improves(self, row: dict, best: float | None) -> bool:
-        """Whether the validation pass of ``row`` is better than ``best`` (a score that is not
+    def improves(self, value: float | None, best: float | None) -> bool:
+        """Whether a pass's :meth:`selected_value` is better than ``best`` (a score that is not
         finite, e.g. AU-PRO without an anomalous region, never is)."""
-        value = self.selected_value(row)
         if value is None or not math.isfinite(value):
             return False
         if best is None:
@@ -240,8 +239,8 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
                 done, total = rounds(epoch, epochs, settings.validate_every)
                 announce(Validated(run.stage, run.category, done, total, row, run.model, run.finish,
                                    None if run.select_by == VALIDATION_LOSS else run.select_by))
-                if run.improves(row, best_value):
-                    best_value, best_epoch = run.selected_value(row), epoch
+                if run.improves(value := run.selected_value(row), best_value):
+                    best_value, best_epoch = value, epoch
                     save_state(run.model.state_dict(), folder / BEST_MODEL)
             row["seconds"] = time.monotonic() - started
             elapsed += row["seconds"]

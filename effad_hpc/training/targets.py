@@ -22,6 +22,7 @@ import torch
 from effad_hpc.models import ASTTeacher
 from effad_hpc.training.sources import FeatureSource
 from effad_hpc.utils.atomic import atomic_path
+from effad_hpc.utils.device import random_state_kept
 
 TARGETS_FILE = "teacher_targets.h5"
 SPLITS = ("train", "validation")
@@ -75,7 +76,7 @@ class TeacherTargets(FeatureSource):
         if not _complete(self.path, key):
             # Each pass over a DataLoader draws its base seed from the global generator: forked, so
             # that a run which finds the targets written (a rerun) draws the same dropout masks.
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with random_state_kept():
                 _write(self.path, key, source, teacher, batch_size)
         self._handle: h5py.File | None = None
 

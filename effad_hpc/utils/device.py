@@ -112,6 +112,12 @@ def autocast(device: torch.device, precision: Precision = "auto") -> contextlib.
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def random_state_kept() -> contextlib.AbstractContextManager:
+    """Run a block with the global random state forked (CPU, and the CUDA device where CUDA is in
+    use): what the block draws leaves a training's next dropout masks as they were."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else [])
+
+
 def grad_scaler(device: torch.device, precision: Precision = "auto") -> torch.amp.GradScaler:
     """Loss scaling for float16 autocast (small gradients underflow in float16); a no-op otherwise."""
     return torch.amp.GradScaler(device.type, enabled=compute_dtype(device, precision) == torch.float16)
