@@ -15,6 +15,7 @@ from effad_hpc.config import BackboneConfig
 from effad_hpc.errors import TrainingError
 from effad_hpc.features.backbones import FeatureExtractor, build_backbone, fold_batch_norms
 from effad_hpc.models import AnomalyDetector, ASTTeacher
+from effad_hpc.models.autoencoder import FeatureAutoencoder
 from effad_hpc.models.detector import gaussian_smooth
 from effad_hpc.models.padim import PaDiM
 from effad_hpc.models.spade import SPADE
@@ -36,6 +37,42 @@ def test_separable_smoothing_equals_torchvisions_dense_gaussian_blur(sigma, size
     # float32: the dense kernel sums up to 129^2 products, so it strays more from the exact result
     assert (separable - exact).abs().max() <= 1e-6
     assert (separable - exact).abs().max() <= (dense.double() - exact).abs().max() + 1e-7
+
+
+def _thesis_decoder(channels: int, out_channels: int, map_size: int, stages: int) -> torch.nn.Sequential:
+    """EfficientAD-AST's decoder as the thesis lists it: explicit nearest x2 upsampling and a final
+    adaptive average pooling back to the grid."""
+    layers = [torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.2)]
+    for _ in range(stages):
+        layers += [torch.nn.Upsample(scale_factor=2, mode="nearest"), torch.nn.Conv2d(channels, channels, 3, padding=1),
+                   torch.nn.ReLU(), torch.nn.Dropout(0.2)]
+    return torch.nn.Sequential(*layers, torch.nn.Conv2d(channels, out_channels, 3, padding=1),
+                               torch.nn.AdaptiveAvgPool2d(map_size))
+
+
+@pytest.mark.parametrize("stages, map_size", [(2, 6), (1, 5), (3, 4)])
+def test_feature_autoencoder_computes_the_thesis_decoder_with_its_weights(stages, map_size):
+    torch.manual_seed(0)
+    autoencoder = FeatureAutoencoder(9, 7, channels=8, upsampling_stages=stages).double()
+    reference = _thesis_decoder(8, 7, map_size, stages).double()
+    # The same keys: weights trained before the decoder was reformulated load unchanged.
+    autoencoder.decoder.load_state_dict(reference.state_dict())
+    code = torch.randn(3, 8, map_size, map_size, dtype=torch.float64, requires_grad=True)
+    for module in (autoencoder, reference):  # eval: no dropout, so both are deterministic
+        module.eval()
+    ours, theirs = autoencoder.decoder(code), reference(code)
+    assert ours.shape == theirs.shape == (3, 7, map_size, map_size)
+    assert (ours - theirs).abs().max() <= 1e-12
+    # Training takes the same gradients (to the weights and through the decoder).
+    weights = dict(autoencoder.decoder.named_parameters())
+    reference_weights = dict(reference.named_parameters())
+    grads = torch.autograd.grad(ours.pow(2).sum(), [code, *weights.values()])
+    reference_grads = torch.autograd.grad(theirs.pow(2).sum(), [code, *(reference_weights[k] for k in weights)])
+    for grad, reference_grad in zip(grads, reference_grads):
+        assert (grad - reference_grad).abs().max() <= 1e-10 * max(1.0, reference_grad.abs().max().item())
+    # float32, as trained and served: within float rounding of the reference.
+    ours32, theirs32 = autoencoder.float().decoder(code.float()), reference.float()(code.float())
+    assert (ours32 - theirs32).abs().max() <= 1e-5 * theirs32.abs().max()
 
 
 def _reference_padim(features: torch.Tensor, channel_index: torch.Tensor, regularization: float):

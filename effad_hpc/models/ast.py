@@ -128,12 +128,12 @@ class EfficientADAST(_StudentTeacher):
         in_channels = feature_channels + self.teacher.positions.shape[0]
         # Two heads in one network: [:C] regresses the teacher, [C:] the autoencoder.
         self.student = ResidualStudent(in_channels, 2 * feature_channels, hidden_channels, residual_blocks)
-        self.autoencoder = FeatureAutoencoder(in_channels, feature_channels, map_size, ae_channels,
-                                              ae_upsampling_stages, ae_dropout)
+        self.autoencoder = FeatureAutoencoder(in_channels, feature_channels, ae_channels, ae_upsampling_stages,
+                                              ae_dropout)
 
     def _outputs(self, features: torch.Tensor, teacher_z: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = self.teacher_z(features) if teacher_z is None else teacher_z
+        z = self.teacher_outputs(features) if teacher_z is None else teacher_z
         inputs = self.teacher.with_positions(features)
         student = self.student(inputs).float()
         reconstruction = self.autoencoder(inputs).float()
