@@ -100,7 +100,7 @@ def test_teacher_normalization_and_map_normalization(efficientad_config):
     mean, std = teacher_statistics(model, train_loader, torch.device("cpu"))
     model.teacher_mean.copy_(mean)
     model.teacher_std.copy_(std)
-    outputs = torch.cat([model.teacher_output(batch["image"]) for batch in train_loader])
+    outputs = torch.cat([model.teacher_outputs(batch["image"]) for batch in train_loader])
     assert outputs.mean((0, 2, 3)).abs().max() < 1e-3
     assert (outputs.transpose(0, 1).flatten(1).std(1, unbiased=False) - 1).abs().max() < 1e-3
 

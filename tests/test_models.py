@@ -72,7 +72,7 @@ def test_a_position_free_model_scores_a_shifted_pattern_the_same(pos_enc_channel
     features = torch.randn(1, 6, 32, 32, generator=torch.Generator().manual_seed(2))
     shifted = torch.roll(features, shifts=(3, 3), dims=(2, 3))
     with torch.no_grad():
-        z, z_shifted = model.teacher_z(features), model.teacher_z(shifted)
+        z, z_shifted = model.teacher_outputs(features), model.teacher_outputs(shifted)
         st, st_shifted = model.maps(features)["st"], model.maps(shifted)["st"]
     inside = (slice(None), slice(None), slice(15, 17), slice(15, 17))
     same_z = torch.allclose(torch.roll(z, shifts=(3, 3), dims=(2, 3))[inside], z_shifted[inside], atol=1e-4)

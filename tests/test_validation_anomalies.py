@@ -125,6 +125,50 @@ def test_scores_from_features_made_once_equal_the_detectors_own_maps(tmp_path, c
     assert len(parts) == 3 * len(cached)  # st, ae and the teacher's NLL; nothing else
 
 
+@pytest.mark.parametrize("model_name", ["efficientad_ast", "ast", "efficientad_s"])
+def test_a_frozen_teachers_outputs_made_once_score_as_the_teacher_does(tmp_path, category, model_name):
+    """A stage that selects by the score maps the set at every validation pass; its model's
+    teacher is frozen, so its outputs of the set are computed once per stage: every part's metrics
+    are those of the full model, and a scorer handed another model computes them again."""
+    torch = pytest.importorskip("torch")
+    from effad_hpc.evaluation.synthetic_validation import (
+        TrainingScorer, part_metrics, scoring_inputs, synthetic_maps_of_parts, with_teacher_outputs)
+    from effad_hpc.training import recipe
+    from effad_hpc.training.detector import as_detector, model_input
+
+    config = tiny_config(category, tmp_path / "run", {"run.precision": "fp32", "efficientad.image_size": 64})
+    built = model_input(config, model_name)
+    device = torch.device("cpu")
+
+    def detector_of(seed: int):
+        torch.manual_seed(seed)
+        model = recipe(model_name).build(config, built.channels, built.map_size, None)
+        for parameter in model.parameters():  # nonzero couplings and heads: teachers that differ by seed
+            if parameter.is_floating_point():
+                parameter.data.add_(0.05 * torch.randn_like(parameter))
+        return as_detector(config, model_name, model, built.extractor)
+
+    def all_metrics(detector, inputs):
+        sets = synthetic_maps_of_parts(detector, inputs, config, device)
+        return {**sets["combined"].metrics(config.evaluation.pro_fpr_limit),
+                **part_metrics(sets, config.evaluation.pro_fpr_limit)}
+
+    first = detector_of(0)
+    inputs = scoring_inputs(first, ensure_validation_anomalies(config, "fabric"), config, device)
+    made_once = with_teacher_outputs(first, inputs, config, device)
+    assert made_once.clean_teacher is not None and len(made_once.anomalous_teacher) == len(inputs.anomalous)
+    assert all_metrics(first, made_once) == pytest.approx(all_metrics(first, inputs), abs=1e-9)
+
+    scorer = TrainingScorer(config, model_name, device)
+    kept = scorer.inputs("fabric", first)
+    assert scorer.inputs("fabric", as_detector(config, model_name, first.model, built.extractor)) is kept
+    second = detector_of(1)
+    again = scorer.inputs("fabric", second)
+    assert again is not kept and torch.equal(again.clean, kept.clean)  # the same features, another teacher
+    assert torch.equal(again.clean_teacher, with_teacher_outputs(second, inputs, config, device).clean_teacher)
+    assert not torch.allclose(again.clean_teacher, kept.clean_teacher)
+
+
 def test_the_synthetic_f1_threshold_separates_found_anomalies_from_the_clean_tail():
     """A model whose clean images have a long tail above most defect pixels: the quantile of the
     clean pixels lands above the defects, the synthetic set's best F1 between tail and defects."""

@@ -8,7 +8,7 @@ output, as EfficientAD does with images.
 Every model here offers the same interface to the training and evaluation layers:
 ``losses(features, penalty_features=None, teacher_z=None) -> {"total": ..., <parts>}`` for the
 trained student stage (``teacher_z``: the teacher's output computed beforehand, else here)
-and ``maps(features) -> {"combined": (B, h, w), <parts>}`` for inference.
+and ``maps(features, teacher_outputs=None) -> {"combined": (B, h, w), <parts>}`` for inference.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class _StudentTeacher(AnomalyModel):
         self.teacher.eval()  # trained in its own stage; frozen here
         return self
 
-    def teacher_z(self, features: torch.Tensor) -> torch.Tensor:
+    def teacher_outputs(self, features: torch.Tensor) -> torch.Tensor:
+        """The teacher's z."""
         with torch.no_grad():
             z, _ = self.teacher(features)
         return z
@@ -95,7 +96,7 @@ class AST(_StudentTeacher):
 
     def losses(self, features: torch.Tensor, penalty_features: torch.Tensor | None = None,
                teacher_z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        z = self.teacher_z(features) if teacher_z is None else teacher_z
+        z = self.teacher_outputs(features) if teacher_z is None else teacher_z
         student = self.student(self.teacher.with_positions(features)).float()
         parts = {"st": hard_mse(z, student, self.loss_percentile)}
         if penalty_features is not None:
@@ -105,8 +106,8 @@ class AST(_StudentTeacher):
         parts["total"] = sum(parts.values())
         return parts
 
-    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.teacher_z(features)
+    def maps(self, features: torch.Tensor, teacher_outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        z = self.teacher_outputs(features) if teacher_outputs is None else teacher_outputs
         student = self.student(self.teacher.with_positions(features)).float()
         st = (z - student).pow(2).mean(dim=1)
         return {"combined": st, "st": st, "teacher": self.teacher.nll_map(z)}
@@ -155,16 +156,17 @@ class EfficientADAST(_StudentTeacher):
         parts["total"] = sum(parts.values())
         return parts
 
-    def _raw_maps(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z, student_st, student_ae, reconstruction = self._outputs(features)
+    def _raw_maps(self, features: torch.Tensor, teacher_z: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z, student_st, student_ae, reconstruction = self._outputs(features, teacher_z)
         return z, (z - student_st).pow(2).mean(dim=1), (reconstruction - student_ae).pow(2).mean(dim=1)
 
     def raw_maps(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ST and AE maps (B, h, w) before any normalisation."""
         return self._raw_maps(features)[1:]
 
-    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        z, st, ae = self._raw_maps(features)
+    def maps(self, features: torch.Tensor, teacher_outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        z, st, ae = self._raw_maps(features, teacher_outputs)
         if self.map_normalization:
             (st_a, st_b), (ae_a, ae_b) = self.map_quantiles
             st, ae = normalize_map(st, st_a, st_b), normalize_map(ae, ae_a, ae_b)

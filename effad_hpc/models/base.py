@@ -15,7 +15,16 @@ class AnomalyModel(nn.Module):
     """Gaussian smoothing of the map once it is upsampled to the image, in pixels of the model's
     input (PatchCore, PaDiM, SPADE: 4); 0: none."""
 
-    def maps(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def teacher_outputs(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """What the model's frozen teacher computes from ``inputs`` (the AST teacher's z,
+        EfficientAD's normalised PDN output), or None for a model without one. The model's last
+        training stage does not change it, so a caller that maps the same inputs at every
+        validation pass computes it once and hands it to :meth:`maps`."""
+        return None
+
+    def maps(self, inputs: torch.Tensor, teacher_outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``teacher_outputs``: :meth:`teacher_outputs` of these inputs, computed earlier; None:
+        computed here (a model without a teacher ignores it)."""
         raise NotImplementedError
 
     def image_scores(self, inputs: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -98,10 +98,12 @@ class AnomalyDetector(nn.Module):
         return self.grid_output_from(self.model_inputs(images))
 
     @torch.no_grad()
-    def grid_output_from(self, inputs: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def grid_output_from(self, inputs: torch.Tensor, teacher_outputs: torch.Tensor | None = None
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """:meth:`grid_output` from model inputs made earlier by :meth:`model_inputs` (the
-        backbone is frozen: images scored again and again need its features once)."""
-        maps = self._maps(inputs)
+        backbone is frozen: images scored again and again need its features once) and, for a
+        model with a frozen teacher, the teacher's outputs of them (:meth:`AnomalyModel.teacher_outputs`)."""
+        maps = self._maps(inputs) if teacher_outputs is None else self.model.maps(inputs, teacher_outputs)
         return maps, self.model.image_scores(inputs, maps)
 
     @torch.no_grad()

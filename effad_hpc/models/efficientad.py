@@ -56,7 +56,7 @@ class EfficientAD(AnomalyModel):
         return self
 
     @torch.no_grad()
-    def teacher_output(self, images: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+    def teacher_outputs(self, images: torch.Tensor, normalized: bool = True) -> torch.Tensor:
         raw = self.teacher(normalize_images(images)).float()
         return (raw - self.teacher_mean) / self.teacher_std if normalized else raw
 
@@ -64,10 +64,10 @@ class EfficientAD(AnomalyModel):
                penalty_images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Hard ST loss on ``images``; AE and student-AE losses on ``ae_images`` (the augmented
         copies); the penalty on ImageNet-like images when given."""
-        teacher = self.teacher_output(images)
+        teacher = self.teacher_outputs(images)
         parts = {"st": hard_mse(teacher, self.student(normalize_images(images))[:, :FEATURE_CHANNELS].float(),
                                 self.hard_quantile)}
-        teacher_ae = self.teacher_output(ae_images)
+        teacher_ae = self.teacher_outputs(ae_images)
         normalized_ae = normalize_images(ae_images)
         reconstruction = self.autoencoder(normalized_ae).float()
         student_ae = self.student(normalized_ae)[:, FEATURE_CHANNELS:].float()
@@ -79,20 +79,21 @@ class EfficientAD(AnomalyModel):
         parts["total"] = sum(parts.values())
         return parts
 
-    def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw_maps(self, images: torch.Tensor, teacher_outputs: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The student-teacher and autoencoder maps (B, h, w) before normalization."""
         normalized = normalize_images(images)
-        teacher = self.teacher_output(images)
+        teacher = self.teacher_outputs(images) if teacher_outputs is None else teacher_outputs
         student = self.student(normalized).float()
         reconstruction = self.autoencoder(normalized).float()
         st = (teacher - student[:, :FEATURE_CHANNELS]).pow(2).mean(1)
         ae = (reconstruction - student[:, FEATURE_CHANNELS:]).pow(2).mean(1)
         return st, ae
 
-    def maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def maps(self, images: torch.Tensor, teacher_outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Normalized maps padded by 4 cells (zeros: the validation set's 0.9 quantile), so that
         resizing to the image aligns them as in the paper."""
-        st, ae = self.raw_maps(images)
+        st, ae = self.raw_maps(images, teacher_outputs)
         (st_a, st_b), (ae_a, ae_b) = self.map_quantiles
         st, ae = normalize_map(st, st_a, st_b), normalize_map(ae, ae_a, ae_b)
         maps = {"combined": 0.5 * st + 0.5 * ae, "st": st, "ae": ae}

@@ -72,7 +72,7 @@ class PaDiM(AnomalyModel):
         model.mean.copy_(shift + mean_shift)
         return model
 
-    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def maps(self, features: torch.Tensor, teacher_outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         delta = self._positions(features) - self.mean
         with torch.autocast(features.device.type, enabled=False):  # a quadratic form: float32 throughout
             squared = torch.einsum("bpi,pij,bpj->bp", delta, self.precision, delta).clamp_min(0)

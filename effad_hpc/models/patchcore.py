@@ -43,7 +43,7 @@ class PatchCore(AnomalyModel):
         model.bank.copy_(patches[keep])
         return model
 
-    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def maps(self, features: torch.Tensor, teacher_outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         batch, _, height, width = features.shape
         distances, _ = nearest_neighbours(_flat(features.float()), self.bank)
         return {"combined": distances[:, 0].reshape(batch, height, width)}

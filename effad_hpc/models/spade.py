@@ -79,7 +79,7 @@ class SPADE(AnomalyModel):
     def _nearest_images(self, global_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return nearest_neighbours(global_features, self.global_features, self.image_neighbors)
 
-    def maps(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def maps(self, features: torch.Tensor, teacher_outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         pyramid, global_features = self.split(features)
         _, nearest = self._nearest_images(global_features)
         out = []

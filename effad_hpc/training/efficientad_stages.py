@@ -266,7 +266,7 @@ def penalty_view(images: torch.Tensor, generator: torch.Generator, grayscale: fl
 def teacher_statistics(model: EfficientAD, loader: DataLoader,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the teacher's output over every training image, in one pass."""
-    return channel_statistics(model.teacher_output(batch["image"].to(device), normalized=False) for batch in loader)
+    return channel_statistics(model.teacher_outputs(batch["image"].to(device), normalized=False) for batch in loader)
 
 
 @torch.no_grad()
