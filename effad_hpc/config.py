@@ -164,6 +164,12 @@ class TeacherConfig(TrainedStage):
     """Channels of the 2-D positional encoding that conditions the flow and is appended to the
     students' input (AST's method); ``0``: position-free, the features alone (leaderboard variant
     ``position-free``)."""
+    input_noise: Annotated[float, Field(ge=0)] = 0.0
+    """Gaussian noise added to the flow's input features while it trains (not at validation or
+    inference), with this standard deviation in units of each channel's standard deviation over
+    the training features: it keeps the flow from fitting the few training samples of a small
+    category, whose density then ranks the validation images' normal structures as rare. 0: none
+    (the paper; left out of the stage key, so teachers trained before the setting existed stay valid)."""
     feature_grid: Literal["coarsest", "finest", "patches"] = "coarsest"
     """How several ``backbone.layers`` make the input of the flow and of its students (AST and
     EfficientAD-AST): concatenated on the coarsest grid, finer layers average-pooled (the thesis,

@@ -232,6 +232,33 @@ def test_a_position_free_hybrid_trains_and_loads_under_its_variant(make_config):
     assert recipe("efficientad_ast").variant(config) == "position-free"
 
 
+def test_a_teacher_trained_on_noisy_features_is_validated_on_clean_ones(make_config):
+    """``teacher.input_noise`` perturbs the flow's training batches only: the validation NLL the
+    stage logs is that of model.pt on the validation features as stored."""
+    from effad_hpc.models import ASTTeacher
+    from effad_hpc.training.ast_stages import teacher_kwargs
+    from effad_hpc.training.registry import stage_folder, stage_key
+
+    changes = SMALL_NETS | {"models": ["efficientad_ast"], "data.categories": ["fabric"], "teacher.epochs": 3}
+    _, clean = make_config(changes)
+    _, noisy = make_config(changes | {"teacher.input_noise": 0.5})
+    assert stage_key(clean, "teacher", "fabric") != stage_key(noisy, "teacher", "fabric")
+    record = train(noisy, "efficientad_ast", "fabric", stages=["teacher"], show_progress=False)[0]
+    source = StoredFeatures(noisy, "fabric", torch.device("cpu"))
+    teacher = ASTTeacher(source.channels, source.map_size, **teacher_kwargs(noisy))
+    teacher.load_state_dict(load_state(stage_folder(noisy, "fabric", "teacher") / BEST_MODEL))
+    teacher.eval()
+    with torch.no_grad():
+        losses = [(teacher.nll(batch).item(), len(batch))
+                  for batch in source.batches("validation", range(source.size("validation")), 4)]
+    mean_nll = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    assert mean_nll == pytest.approx(record.best_validation, rel=1e-5)
+    # The same run folder: the teacher without noise replaces it, and trains another flow.
+    clean_record = train(clean, "efficientad_ast", "fabric", stages=["teacher"], show_progress=False)[0]
+    assert record.best_validation != pytest.approx(clean_record.best_validation, abs=1e-4)
+    assert recipe("efficientad_ast").variant(noisy) == "teacher input noise 0.5"
+
+
 @pytest.mark.parametrize("feature_grid", ["finest", "patches"])
 def test_finer_grids_and_map_normalisation_train_and_load(make_config, feature_grid):
     """teacher.feature_grid: finest (or patches, 3x3-averaged first) gives the stride-8 grid of two

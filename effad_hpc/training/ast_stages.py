@@ -13,6 +13,7 @@ from effad_hpc.errors import CheckpointError
 from effad_hpc.models import AST, ASTTeacher, EfficientADAST, build_model
 from effad_hpc.models.map_normalization import quantiles_of_maps
 from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, load_state
+from effad_hpc.training.efficientad_stages import channel_statistics
 from effad_hpc.training.loop import StageRun, fit
 from effad_hpc.training.registry import (
     Budget,
@@ -68,10 +69,17 @@ def train_teacher(config: ExperimentConfig, category: str, show_progress: bool =
     device = resolve_device(config.run.device, config.run.precision)
     source = open_source(config, category, config.teacher.feature_source, device,
                          preparation=config.teacher.feature_grid)
+    noise_std = None
+    if config.teacher.input_noise > 0:  # before seeding: the flow starts from the weights it has without noise
+        _, channel_std = channel_statistics(source.batches("train", range(source.size("train")),
+                                                           config.teacher.batch_size))
+        noise_std = config.teacher.input_noise * channel_std.to(device)
     torch.manual_seed(config.seed)
     teacher = ASTTeacher(source.channels, source.map_size, **teacher_kwargs(config)).to(device)
 
     def objective(features, _penalty):
+        if noise_std is not None and teacher.training:  # validation passes score the features as they are
+            features = features + noise_std * torch.randn_like(features)
         nll = teacher.nll(features)
         return {"nll": nll, "total": nll}
 
@@ -147,7 +155,8 @@ def train_student_ae(config: ExperimentConfig, category: str, show_progress: boo
 
 
 def _teacher_settings(config: ExperimentConfig) -> dict:
-    return config.teacher.model_dump(mode="json")
+    # No noise, the paper's flow, keeps the key it had before input_noise existed.
+    return config.teacher.model_dump(mode="json", exclude={"input_noise"} if config.teacher.input_noise == 0 else None)
 
 
 def _ast_student_settings(config: ExperimentConfig) -> dict:
@@ -190,6 +199,8 @@ def _variant(config: ExperimentConfig, hybrid: bool) -> str:
         switches.append(f"{config.teacher.feature_grid} grid")
     if config.teacher.pos_enc_channels == 0:
         switches.append("position-free")
+    if config.teacher.input_noise > 0:
+        switches.append(f"teacher input noise {config.teacher.input_noise:g}")
     if hybrid and config.student.smoothing_sigma > 0:
         switches.append(f"smoothed maps (sigma {config.student.smoothing_sigma:g})")
     student = config.student if hybrid else config.ast_student
