@@ -117,24 +117,26 @@ def with_teacher_outputs(detector: AnomalyDetector, inputs: ScoringInputs, confi
 
 def _model_inputs(detector: AnomalyDetector, images: torch.Tensor, config: ExperimentConfig,
                   device: torch.device) -> torch.Tensor:
-    with _eval_mode(detector), torch.no_grad():
-        parts = []
-        for batch in images.split(config.inference.batch_size):
-            with autocast(device, config.run.precision):
-                parts.append(detector.model_inputs(batch.to(device)).cpu())
-        return torch.cat(parts)
+    return _batched(detector.model_inputs, detector, images, config, device)
 
 
 def _teacher_outputs(detector: AnomalyDetector, inputs: torch.Tensor, config: ExperimentConfig,
                      device: torch.device) -> torch.Tensor | None:
+    return _batched(detector.model.teacher_outputs, detector, inputs, config, device)
+
+
+def _batched(compute, detector: AnomalyDetector, tensors: torch.Tensor, config: ExperimentConfig,
+             device: torch.device) -> torch.Tensor | None:
+    """``compute`` over ``tensors`` in inference batches, in eval mode, gathered on the CPU (None
+    where it gives None: a model without a teacher)."""
     with _eval_mode(detector), torch.no_grad():
         parts = []
-        for batch in inputs.split(config.inference.batch_size):
+        for batch in tensors.split(config.inference.batch_size):
             with autocast(device, config.run.precision):
-                outputs = detector.model.teacher_outputs(batch.to(device))
-            if outputs is None:
+                output = compute(batch.to(device))
+            if output is None:
                 return None
-            parts.append(outputs.float().cpu())
+            parts.append(output.cpu())
         return torch.cat(parts)
 
 

@@ -13,7 +13,6 @@ from effad_hpc.errors import CheckpointError
 from effad_hpc.models import AST, ASTTeacher, EfficientADAST, build_model
 from effad_hpc.models.map_normalization import quantiles_of_maps
 from effad_hpc.training.artifacts import BEST_MODEL, StageRecord, completed_record, load_state
-from effad_hpc.training.efficientad_stages import channel_statistics
 from effad_hpc.training.loop import StageRun, fit
 from effad_hpc.training.registry import (
     Budget,
@@ -34,6 +33,7 @@ from effad_hpc.training.sources import (
     open_source,
     penalty_folder,
 )
+from effad_hpc.training.statistics import channel_statistics
 from effad_hpc.training.targets import TargetedBatch, TeacherTargets
 from effad_hpc.utils.device import autocast, resolve_device
 

@@ -10,7 +10,7 @@ teacher's channels over the category's training images, train student and autoen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ from effad_hpc.training.sources import (
     penalty_folder,
 )
 from effad_hpc.training.loop import seeded_generator
+from effad_hpc.training.statistics import channel_statistics
 from effad_hpc.training.steps import StepRun, StepSampler, fit_steps
 from effad_hpc.utils.atomic import input_sha256
 from effad_hpc.utils.device import autocast, resolve_device
@@ -94,24 +95,6 @@ def _lazy_batches(make: Callable[[int], Iterator[torch.Tensor]]) -> Callable[[in
 
 
 @torch.no_grad()
-def channel_statistics(maps: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std, each (1, C, 1, 1), of (B, C, h, w) maps over every batch and
-    position: one streaming pass with float64 sums, so memory does not grow with the data."""
-    total = squares = None
-    cells = 0
-    for batch in maps:
-        batch = batch.double()
-        sums, sums_of_squares = batch.sum((0, 2, 3)), batch.pow(2).sum((0, 2, 3))
-        total = sums if total is None else total + sums
-        squares = sums_of_squares if squares is None else squares + sums_of_squares
-        cells += batch.shape[0] * batch.shape[2] * batch.shape[3]
-    if total is None:
-        raise DataError("no images to compute channel statistics on")
-    mean = total / cells
-    std = (squares / cells - mean.pow(2)).clamp_min(1e-12).sqrt()
-    return mean.float()[None, :, None, None], std.float()[None, :, None, None]
-
-
 # --- teacher distillation ------------------------------------------------------------------
 
 
