@@ -260,6 +260,13 @@ class StudentConfig(PenaltySettings, MapQuantiles, ASTStudentConfig):
     """How the ST and AE maps are combined: ``none`` averages them as they are (the thesis);
     ``quantile`` first maps each with its validation quantiles (``map_quantiles``, EfficientAD's
     rule), so that neither map's scale dominates the average."""
+    ae_target: Literal["teacher", "features"] = "teacher"
+    """What the autoencoder reconstructs (and the student's second head regresses through it):
+    ``teacher``, the flow's z (the thesis), or ``features``, the backbone's features standardised
+    per channel with the training features' statistics. z is whitened by construction, close to
+    noise for a network that does not replicate the flow; the features keep the structure an
+    autoencoder can learn and fail to reconstruct off the normal data (EfficientAD's autoencoder
+    reconstructs its teacher's features, not a whitened code)."""
 
 
 class EfficientADConfig(PenaltySettings, MapQuantiles):

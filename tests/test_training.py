@@ -259,6 +259,36 @@ def test_a_teacher_trained_on_noisy_features_is_validated_on_clean_ones(make_con
     assert recipe("efficientad_ast").variant(noisy) == "teacher input noise 0.5"
 
 
+def test_an_autoencoder_on_features_reconstructs_the_standardised_training_features(make_config):
+    """``student.ae_target: features``: the autoencoder's target is the backbone's features
+    standardised with the training features' channel statistics, which model.pt keeps; the
+    default (the teacher's z) keeps the stage key it had before the setting existed."""
+    from effad_hpc.training.ast_stages import _efficientad_ast_student_settings
+    from effad_hpc.training.registry import stage_key
+    from effad_hpc.training.statistics import channel_statistics
+
+    changes = SMALL_NETS | {"models": ["efficientad_ast"], "data.categories": ["fabric"], "student.epochs": 3}
+    _, on_z = make_config(changes)
+    _, on_features = make_config(changes | {"student.ae_target": "features"})
+    assert "ae_target" not in _efficientad_ast_student_settings(on_z)["student"]
+    assert stage_key(on_z, "student_ae", "fabric") != stage_key(on_features, "student_ae", "fabric")
+    train(on_features, "efficientad_ast", "fabric", show_progress=False)
+    source = StoredFeatures(on_features, "fabric", torch.device("cpu"))
+    mean, std = channel_statistics(source.batches("train", range(source.size("train")), 4))
+    model = load_detector(on_features, "efficientad_ast", "fabric", torch.device("cpu")).model
+    torch.testing.assert_close(model.feature_mean, mean)
+    torch.testing.assert_close(model.feature_std, std)
+    features = next(iter(source.batches("train", range(4), 4)))
+    model.eval()
+    with torch.no_grad():
+        reconstruction = model.autoencoder(model.teacher.with_positions(features))
+        loss = model.losses(features)["ae"]
+    torch.testing.assert_close(loss, ((features - mean) / std - reconstruction).pow(2).mean())
+    # Standardised features, not a whitened code of the flow: the loss is not the one against z.
+    assert loss != pytest.approx((model.teacher_outputs(features) - reconstruction).pow(2).mean().item(), rel=1e-3)
+    assert recipe("efficientad_ast").variant(on_features) == "autoencoder on features"
+
+
 @pytest.mark.parametrize("feature_grid", ["finest", "patches"])
 def test_finer_grids_and_map_normalisation_train_and_load(make_config, feature_grid):
     """teacher.feature_grid: finest (or patches, 3x3-averaged first) gives the stride-8 grid of two

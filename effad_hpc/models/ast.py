@@ -28,6 +28,9 @@ from effad_hpc.models.registry import register_model
 from effad_hpc.models.student import ResidualStudent, unrecorded_batch_statistics
 
 
+AE_TARGETS = ("teacher", "features")
+
+
 def _full_precision(device: torch.device):
     """Flows are numerically delicate: the teacher always runs in float32, also under autocast."""
     return torch.autocast(device_type=device.type, enabled=False)
@@ -118,9 +121,18 @@ class EfficientADAST(_StudentTeacher):
     def __init__(self, feature_channels: int, map_size: int, teacher: dict, hidden_channels: int = 1024,
                  residual_blocks: int = 4, loss_percentile: float = 1.0, ae_channels: int = 64,
                  ae_upsampling_stages: int = 2, ae_dropout: float = 0.2, map_normalization: bool = False,
-                 smoothing_sigma: float = 0.0):
+                 smoothing_sigma: float = 0.0, ae_target: str = "teacher"):
         super().__init__(feature_channels, map_size, teacher, loss_percentile)
         self.smoothing_sigma = smoothing_sigma
+        # What the autoencoder reconstructs: the teacher's z (the thesis), or the backbone's
+        # features standardised per channel with the training features' statistics (set by the
+        # training layer), which carry the structure that z whitens away.
+        if ae_target not in AE_TARGETS:
+            raise ValueError(f"ae_target {ae_target!r}: expected one of {', '.join(AE_TARGETS)}")
+        self.ae_target = ae_target
+        if ae_target == "features":
+            self.register_buffer("feature_mean", torch.zeros(1, feature_channels, 1, 1))
+            self.register_buffer("feature_std", torch.ones(1, feature_channels, 1, 1))
         # The thesis averages the raw ST and AE maps; with map_normalization each is first mapped
         # with its validation quantiles (EfficientAD's rule, set by the training layer).
         self.map_normalization = map_normalization
@@ -141,12 +153,18 @@ class EfficientADAST(_StudentTeacher):
         channels = self.feature_channels
         return z, student[:, :channels], student[:, channels:], reconstruction
 
+    def autoencoder_target(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """What the autoencoder learns to reconstruct (``ae_target``)."""
+        if self.ae_target == "teacher":
+            return z
+        return (features.float() - self.feature_mean) / self.feature_std
+
     def losses(self, features: torch.Tensor, penalty_features: torch.Tensor | None = None,
                teacher_z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         z, student_st, student_ae, reconstruction = self._outputs(features, teacher_z)
         parts = {
             "st": hard_mse(z, student_st, self.loss_percentile),
-            "ae": (z - reconstruction).pow(2).mean(),
+            "ae": (self.autoencoder_target(features, z) - reconstruction).pow(2).mean(),
             "stae": (reconstruction - student_ae).pow(2).mean(),
         }
         if penalty_features is not None:

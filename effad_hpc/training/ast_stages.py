@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from effad_hpc.config import PAPER_METHOD, VALIDATION_LOSS, ASTStudentConfig, ExperimentConfig
+from effad_hpc.config import PAPER_METHOD, VALIDATION_LOSS, ASTStudentConfig, ExperimentConfig, Section
 from effad_hpc.data.fingerprint import folder_fingerprint
 from effad_hpc.errors import CheckpointError
 from effad_hpc.models import AST, ASTTeacher, EfficientADAST, build_model
@@ -59,7 +59,8 @@ def _efficientad_ast_kwargs(config: ExperimentConfig, channels: int, map_size: i
     s = config.student
     return _residual_student_kwargs(config, s, channels, map_size) | {
         "ae_channels": s.ae_channels, "ae_upsampling_stages": s.ae_upsampling_stages, "ae_dropout": s.ae_dropout,
-        "map_normalization": s.map_normalization == "quantile", "smoothing_sigma": s.smoothing_sigma}
+        "map_normalization": s.map_normalization == "quantile", "smoothing_sigma": s.smoothing_sigma,
+        "ae_target": s.ae_target}
 
 
 def train_teacher(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
@@ -102,9 +103,17 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
     device = resolve_device(config.run.device, config.run.precision)
     source = open_source(config, category, settings.feature_source, device,
                          preparation=config.teacher.feature_grid)
+    feature_statistics = None
+    if model_name == "efficientad_ast" and config.student.ae_target == "features":
+        # before seeding, as the teacher's: the student starts from the weights it has with z as the target
+        feature_statistics = channel_statistics(source.batches("train", range(source.size("train")),
+                                                               settings.batch_size))
     torch.manual_seed(config.seed)
     model = recipe(model_name).build(config, source.channels, source.map_size, {})
     model.teacher.load_state_dict(load_state(teacher_path))
+    if feature_statistics is not None:
+        model.feature_mean.copy_(feature_statistics[0])
+        model.feature_std.copy_(feature_statistics[1])
     model.to(device)
     penalty = None
     if found is not None:
@@ -154,9 +163,16 @@ def train_student_ae(config: ExperimentConfig, category: str, show_progress: boo
     return _train_student("student_ae", "efficientad_ast", config, category, show_progress)
 
 
+def _settings(section: Section, added_later: set[str], exclude: tuple[str, ...] = ()) -> dict:
+    """A config section's settings for a stage key, less ``exclude`` and the settings in
+    ``added_later`` that are at their default: those defaults keep the method the stage had
+    before the setting existed, so stages trained then keep their keys and stay valid."""
+    unchanged = {name for name in added_later if getattr(section, name) == type(section).model_fields[name].default}
+    return section.model_dump(mode="json", exclude=unchanged | set(exclude))
+
+
 def _teacher_settings(config: ExperimentConfig) -> dict:
-    # No noise, the paper's flow, keeps the key it had before input_noise existed.
-    return config.teacher.model_dump(mode="json", exclude={"input_noise"} if config.teacher.input_noise == 0 else None)
+    return _settings(config.teacher, {"input_noise"})
 
 
 def _ast_student_settings(config: ExperimentConfig) -> dict:
@@ -166,7 +182,8 @@ def _ast_student_settings(config: ExperimentConfig) -> dict:
 def _efficientad_ast_student_settings(config: ExperimentConfig) -> dict:
     # The penalty images count by their content, not by where the folder is mounted.
     penalty = config.student.penalty_folder()
-    return {"model": "efficientad_ast", "student": config.student.model_dump(mode="json", exclude={"penalty_images"}),
+    return {"model": "efficientad_ast",
+            "student": _settings(config.student, {"ae_target"}, exclude=("penalty_images",)),
             "penalty_fingerprint": folder_fingerprint(penalty) if penalty else None}
 
 
@@ -201,6 +218,8 @@ def _variant(config: ExperimentConfig, hybrid: bool) -> str:
         switches.append("position-free")
     if config.teacher.input_noise > 0:
         switches.append(f"teacher input noise {config.teacher.input_noise:g}")
+    if hybrid and config.student.ae_target == "features":
+        switches.append("autoencoder on features")
     if hybrid and config.student.smoothing_sigma > 0:
         switches.append(f"smoothed maps (sigma {config.student.smoothing_sigma:g})")
     student = config.student if hybrid else config.ast_student
