@@ -3,6 +3,7 @@ outputs within a stated tolerance (speed itself is measured by benchmarks/run.py
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 
@@ -206,6 +207,44 @@ def test_folded_batch_norms_give_the_backbones_features_and_can_be_undone(name, 
     undo()
     after = extractor.model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("kernel, stride, groups", [(3, 2, 1), (3, 2, 4), (5, 2, 4), (3, 3, 1), (4, 2, 1)])
+def test_same_padding_in_the_kernel_gives_timms_padded_convolution(kernel, stride, groups):
+    """KernelPaddedConv2d against timm's Conv2dSame (the input padded, one more row and column
+    after it than before where uneven) with the same weights, on even, odd and non-square inputs."""
+    from timm.layers import Conv2dSame
+
+    from effad_hpc.features.backbones import KernelPaddedConv2d
+
+    generator = torch.Generator().manual_seed(0)
+    conv = Conv2dSame(8, 8, kernel, stride, groups=groups).double()
+    padded = KernelPaddedConv2d(conv)
+    for height, width in [(16, 16), (15, 15), (16, 13), (17, 10), (2, 3)]:
+        x = torch.randn(2, 8, height, width, generator=generator, dtype=torch.float64)
+        want, got = conv(x), padded(x)
+        assert got.shape == want.shape == (2, 8, -(-height // stride), -(-width // stride))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_optimized_tf_backbone_pads_in_its_kernels_and_gives_the_same_features():
+    """optimize() on Lite0 (TensorFlow "same" padding in its strided convolutions) wraps every
+    Conv2dSame and gives the features of the backbone as built, on an even and an odd input size."""
+    from timm.layers import Conv2dSame
+
+    from effad_hpc.features.backbones import KernelPaddedConv2d
+
+    reference = build_backbone(BackboneConfig(name="tf_efficientnet_lite0", layers=["blocks.4"],
+                                              pretrained=False)).extractor
+    _randomize_norms(reference.model)
+    optimized = copy.deepcopy(reference).optimize(channels_last=True)
+    padded = sum(isinstance(m, Conv2dSame) for m in reference.model.modules())
+    assert padded > 0 and sum(isinstance(m, KernelPaddedConv2d) for m in optimized.model.modules()) == padded
+    for size in (96, 81):
+        images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            want, got = reference(images)["blocks.4"], optimized(images)["blocks.4"]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_a_norm_that_does_not_follow_its_convolution_is_left_unfolded():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import timm
 import torch
-from timm.layers import BatchNormAct2d
+from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
@@ -70,20 +70,23 @@ class FeatureExtractor(nn.Module):
     def optimize(self, channels_last: bool = True) -> FeatureExtractor:
         """For frozen forward passes (extraction, features on the fly, inference; not export, which
         traces the modules as built): batch norms folded into their convolutions
-        (:func:`fold_batch_norms`, checked on a probe image against the unfolded forward), then the
-        NHWC layout when ``channels_last``, in which the features come out. Lite0 at 256 px on a
-        CPU: 1.8x in all against NCHW, of which 1.25x is the folding (a batch norm over NHWC is a
-        slow pass)."""
+        (:func:`fold_batch_norms`) and TensorFlow "same" padding done by the convolutions
+        themselves (:func:`pad_same_in_kernels`), both checked on a probe image against the
+        forward as built, then the NHWC layout when ``channels_last``, in which the features come
+        out. Lite0 at 256 px on a CPU: 1.8x in all against NCHW, of which 1.25x is the folding (a
+        batch norm over NHWC is a slow pass); then 1.6x from the padding."""
         probe = torch.rand(1, 3, PROBE_SIZE, PROBE_SIZE, generator=torch.Generator().manual_seed(0))
         probe = probe.to(self.mean.device)
         with torch.no_grad():
             reference = self(probe)
-            undo = fold_batch_norms(self.model)
+            undo_folding = fold_batch_norms(self.model)
+            undo_padding = pad_same_in_kernels(self.model)
             folded = self(probe)
         for layer, expected in reference.items():
             tolerance = 1e-4 * max(expected.abs().max().item(), 1e-6)
             if not torch.allclose(folded[layer], expected, rtol=0, atol=tolerance):
-                undo()  # a norm that did not follow its convolution after all: correct and slower
+                undo_padding()
+                undo_folding()  # a norm that did not follow its convolution after all: correct and slower
                 break
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return self.to(memory_format=self.memory_format)
@@ -118,6 +121,48 @@ def fold_batch_norms(model: nn.Module) -> Callable[[], None]:
         for parent, norm_name, norm, conv, weight, bias in reversed(undo):
             conv.weight, conv.bias = weight, bias
             setattr(parent, norm_name, norm)
+    return restore
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's "same" padding (before, after) of one dimension: ceil(size / stride) outputs."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class KernelPaddedConv2d(nn.Module):
+    """timm's ``Conv2dSame`` (TensorFlow "same" padding: a padded copy of the input, one more
+    row and column after it than before where the padding is uneven) computed without the copy:
+    the convolution pads both sides by the larger amount, and its kernel gets a zero row (column)
+    at its start for each uneven side, so every window reads the same pixels with the same weights.
+    Wraps the convolution and reads its weight and bias at every call (they may be folded)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        (top, bottom), (left, right) = (_same_padding(size, kernel, stride) for size, kernel, stride
+                                        in zip(x.shape[-2:], conv.kernel_size, conv.stride))
+        weight = nn.functional.pad(conv.weight, (right - left, 0, bottom - top, 0))
+        return nn.functional.conv2d(x, weight, conv.bias, conv.stride, (bottom, right), 1, conv.groups)
+
+
+def pad_same_in_kernels(model: nn.Module) -> Callable[[], None]:
+    """Replace each timm ``Conv2dSame`` of ``model`` (the strided convolutions of the ``tf_``
+    EfficientNets: F.pad copies the input of each, the largest tensors of the network) by a
+    :class:`KernelPaddedConv2d` that gives the same outputs. Returns the undo."""
+    undo = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv2dSame) and child.dilation == (1, 1):
+                undo.append((parent, name, child))
+                setattr(parent, name, KernelPaddedConv2d(child))
+
+    def restore() -> None:
+        for parent, name, conv in undo:
+            setattr(parent, name, conv)
     return restore
 
 
