@@ -266,7 +266,8 @@ class StudentConfig(PenaltySettings, MapQuantiles, ASTStudentConfig):
     per channel with the training features' statistics. z is whitened by construction, close to
     noise for a network that does not replicate the flow; the features keep the structure an
     autoencoder can learn and fail to reconstruct off the normal data (EfficientAD's autoencoder
-    reconstructs its teacher's features, not a whitened code)."""
+    reconstructs its teacher's features, not a whitened code). ``teacher`` is left out of the
+    stage key, so students trained before the setting existed stay valid."""
 
 
 class EfficientADConfig(PenaltySettings, MapQuantiles):

@@ -209,7 +209,8 @@ def test_folded_batch_norms_give_the_backbones_features_and_can_be_undone(name, 
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("kernel, stride, groups", [(3, 2, 1), (3, 2, 4), (5, 2, 4), (3, 3, 1), (4, 2, 1)])
+@pytest.mark.parametrize("kernel, stride, groups", [(3, 2, 1), (3, 2, 4), (5, 2, 4), (3, 3, 1), (4, 2, 1),
+                                                   ((3, 5), (2, 1), 1)])
 def test_same_padding_in_the_kernel_gives_timms_padded_convolution(kernel, stride, groups):
     """KernelPaddedConv2d against timm's Conv2dSame (the input padded, one more row and column
     after it than before where uneven) with the same weights, on even, odd and non-square inputs."""
@@ -223,7 +224,8 @@ def test_same_padding_in_the_kernel_gives_timms_padded_convolution(kernel, strid
     for height, width in [(16, 16), (15, 15), (16, 13), (17, 10), (2, 3)]:
         x = torch.randn(2, 8, height, width, generator=generator, dtype=torch.float64)
         want, got = conv(x), padded(x)
-        assert got.shape == want.shape == (2, 8, -(-height // stride), -(-width // stride))
+        strides = stride if isinstance(stride, tuple) else (stride, stride)
+        assert got.shape == want.shape == (2, 8, -(-height // strides[0]), -(-width // strides[1]))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
@@ -237,7 +239,7 @@ def test_optimized_tf_backbone_pads_in_its_kernels_and_gives_the_same_features()
     reference = build_backbone(BackboneConfig(name="tf_efficientnet_lite0", layers=["blocks.4"],
                                               pretrained=False)).extractor
     _randomize_norms(reference.model)
-    optimized = copy.deepcopy(reference).optimize(channels_last=True)
+    optimized = copy.deepcopy(reference).optimize(channels_last=True).optimize(channels_last=True)  # idempotent
     padded = sum(isinstance(m, Conv2dSame) for m in reference.model.modules())
     assert padded > 0 and sum(isinstance(m, KernelPaddedConv2d) for m in optimized.model.modules()) == padded
     for size in (96, 81):

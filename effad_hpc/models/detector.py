@@ -68,7 +68,8 @@ class AnomalyDetector(nn.Module):
 
     def optimize(self, channels_last: bool = True, compile: bool = False) -> AnomalyDetector:
         """For inference with fixed weights: convolutions in the NHWC layout (``channels_last``), the
-        backbone's batch norms folded into its convolutions, and the backbone and the model's maps
+        backbone's batch norms folded into its convolutions and its "same" padding done by them
+        (:meth:`FeatureExtractor.optimize`), and the backbone and the model's maps
         compiled by ``torch.compile`` with the weights frozen into the graph (``compile``; the
         weights must not change afterwards)."""
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

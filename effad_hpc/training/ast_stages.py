@@ -163,16 +163,16 @@ def train_student_ae(config: ExperimentConfig, category: str, show_progress: boo
     return _train_student("student_ae", "efficientad_ast", config, category, show_progress)
 
 
-def _settings(section: Section, added_later: set[str], exclude: tuple[str, ...] = ()) -> dict:
-    """A config section's settings for a stage key, less ``exclude`` and the settings in
-    ``added_later`` that are at their default: those defaults keep the method the stage had
-    before the setting existed, so stages trained then keep their keys and stay valid."""
-    unchanged = {name for name in added_later if getattr(section, name) == type(section).model_fields[name].default}
+def _settings(section: Section, added_later: dict[str, object], exclude: tuple[str, ...] = ()) -> dict:
+    """A config section's settings for a stage key, less ``exclude`` and each setting of
+    ``added_later`` ({name: the value that is the method from before the setting existed}) that
+    has that value: stages trained before it existed keep their keys and stay valid."""
+    unchanged = {name for name, before in added_later.items() if getattr(section, name) == before}
     return section.model_dump(mode="json", exclude=unchanged | set(exclude))
 
 
 def _teacher_settings(config: ExperimentConfig) -> dict:
-    return _settings(config.teacher, {"input_noise"})
+    return _settings(config.teacher, {"input_noise": 0.0})
 
 
 def _ast_student_settings(config: ExperimentConfig) -> dict:
@@ -183,7 +183,7 @@ def _efficientad_ast_student_settings(config: ExperimentConfig) -> dict:
     # The penalty images count by their content, not by where the folder is mounted.
     penalty = config.student.penalty_folder()
     return {"model": "efficientad_ast",
-            "student": _settings(config.student, {"ae_target"}, exclude=("penalty_images",)),
+            "student": _settings(config.student, {"ae_target": "teacher"}, exclude=("penalty_images",)),
             "penalty_fingerprint": folder_fingerprint(penalty) if penalty else None}
 
 
