@@ -63,6 +63,11 @@ def _efficientad_ast_kwargs(config: ExperimentConfig, channels: int, map_size: i
         "ae_target": s.ae_target}
 
 
+def _training_statistics(source: FeatureSource, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the source's training features."""
+    return channel_statistics(source.batches("train", range(source.size("train")), batch_size))
+
+
 def train_teacher(config: ExperimentConfig, category: str, show_progress: bool = True) -> StageRecord:
     folder, key = stage_folder(config, category, "teacher"), stage_key(config, "teacher", category)
     if (done := completed_record(folder, key, verify=True)) is not None:
@@ -72,8 +77,7 @@ def train_teacher(config: ExperimentConfig, category: str, show_progress: bool =
                          preparation=config.teacher.feature_grid)
     noise_std = None
     if config.teacher.input_noise > 0:  # before seeding: the flow starts from the weights it has without noise
-        _, channel_std = channel_statistics(source.batches("train", range(source.size("train")),
-                                                           config.teacher.batch_size))
+        _, channel_std = _training_statistics(source, config.teacher.batch_size)
         noise_std = config.teacher.input_noise * channel_std.to(device)
     torch.manual_seed(config.seed)
     teacher = ASTTeacher(source.channels, source.map_size, **teacher_kwargs(config)).to(device)
@@ -106,8 +110,7 @@ def _train_student(stage: str, model_name: str, config: ExperimentConfig, catego
     feature_statistics = None
     if model_name == "efficientad_ast" and config.student.ae_target == "features":
         # before seeding, as the teacher's: the student starts from the weights it has with z as the target
-        feature_statistics = channel_statistics(source.batches("train", range(source.size("train")),
-                                                               settings.batch_size))
+        feature_statistics = _training_statistics(source, settings.batch_size)
     torch.manual_seed(config.seed)
     model = recipe(model_name).build(config, source.channels, source.map_size, {})
     model.teacher.load_state_dict(load_state(teacher_path))
