@@ -249,6 +249,33 @@ def test_optimized_tf_backbone_pads_in_its_kernels_and_gives_the_same_features()
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_squeeze_excitation_gates_in_the_projection_weights_give_the_same_features(channels_last):
+    """optimize() on an EfficientNet with squeeze-excitation (B0, as B5 is built) moves every
+    block's gate into the weights of the 1x1 projection after it, and gives the features of the
+    backbone as built at batch 1 (a convolution with gated weights) and batch 3 (a batched matrix
+    product, which the probe does not exercise), in both layouts."""
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    from effad_hpc.features.backbones import DeferredExcitation, GatedProjection
+
+    reference = build_backbone(BackboneConfig(name="tf_efficientnet_b0", layers=["blocks.3", "blocks.5"],
+                                              pretrained=False)).extractor
+    _randomize_norms(reference.model)
+    optimized = copy.deepcopy(reference).optimize(channels_last).optimize(channels_last)  # idempotent
+    excitations = sum(type(m) is SqueezeExcite for m in reference.model.modules())
+    assert excitations > 0
+    assert sum(isinstance(m, DeferredExcitation) for m in optimized.model.modules()) == excitations
+    assert sum(isinstance(m, GatedProjection) for m in optimized.model.modules()) == excitations
+    for batch in (1, 3):
+        images = torch.rand(batch, 3, 96, 96, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            want, got = reference(images), optimized(images)
+        for layer, expected in want.items():
+            assert got[layer].is_contiguous(memory_format=optimized.memory_format)
+            assert (got[layer] - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 def test_a_norm_that_does_not_follow_its_convolution_is_left_unfolded():
     """Registration order is not data flow: here the norm runs before the convolution, so folding it
     would change the features; optimize() checks on a probe and keeps the model as it was."""
