@@ -6,11 +6,12 @@
 
 Everything is measured in this one run on this machine; configurations that are compared are
 timed in alternating rounds (the order rotates every round) and medians are reported, because
-this machine's speed drifts by up to 40 % within minutes. The fp32 peak (the faster of a 2048^2
-GEMM and a 3x3 convolution, see ``peak_gflops``) is one of the alternating measures, so every
-"% of peak" shares its drift. Weights are
-random (timing does not depend on them); memories (PatchCore's bank, PaDiM's Gaussians, SPADE's
-gallery) are sized for ``--train-images`` training images.
+this machine's speed drifts by up to 40 % within minutes. Timed loops reuse freed memory
+(``reused_memory``) as evaluation and extraction do, except the "before this suite's work" mode.
+The fp32 peak (the faster of a 2048^2 GEMM and a 3x3 convolution, see ``peak_gflops``) is one of
+the alternating measures, so every "% of peak" shares its drift. Weights are random (timing does
+not depend on them); memories (PatchCore's bank, PaDiM's Gaussians, SPADE's gallery) are sized
+for ``--train-images`` training images.
 
 Sections:
 - ``models``: each model at the demo config's sizes (configs/demo.yaml; EfficientAD at 128 px):
@@ -47,6 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,7 @@ from effad_hpc.models import AnomalyDetector
 from effad_hpc.training import read_record, stage_folder, train
 from effad_hpc.training.detector import untrained_detector
 from effad_hpc.utils.device import autocast, device_record, resolve_device
+from effad_hpc.utils.memory import reused_memory
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["efficientad_ast", "ast", "efficientad_s", "efficientad_m", "patchcore", "padim", "spade"]
@@ -263,7 +266,8 @@ class Suite:
             measures[f"{model}/1"] = self._batch1(self.forward(detector, single), latencies.setdefault(model, []))
             measures[f"{model}/{self.args.batch}"] = (lambda d=detector, x=batch: seconds(self.forward(d, x),
                                                                                           self.device))
-        values = alternate(measures, self.args.rounds)
+        with reused_memory():  # as evaluation runs its batches
+            values = alternate(measures, self.args.rounds)
         peak = statistics.median(values["peak"])
         rows = []
         for model in self.args.models:
@@ -323,7 +327,8 @@ class Suite:
                 measures = {name: (lambda d=d, x=self.images(d.image_size, batch): seconds(self.forward(d, x),
                                                                                             self.device) / batch)
                             for name, d in pair.items()}
-                values = alternate(measures, self.args.rounds)
+                with nullcontext() if mode == "plain" else reused_memory():
+                    values = alternate(measures, self.args.rounds)
                 hybrid_s, small_s = (statistics.median(values[name]) for name in pair)
                 rows[label][f"{mode}/batch{batch}"] = {"efficientad_ast_images_per_s": 1 / hybrid_s,
                                                        "efficientad_s_images_per_s": 1 / small_s,
@@ -371,9 +376,10 @@ class Suite:
                 "efficientad_s": part(lambda: small(small_images)),
             }
             flops = {name: counted_flops(call) for name, call in parts.items()}
-            values = alternate({"peak": peak_gflops(self.device), **{name: (lambda c=call: seconds(c, self.device))
-                                                                    for name, call in parts.items()}},
-                               self.args.rounds)
+            with reused_memory():
+                values = alternate({"peak": peak_gflops(self.device),
+                                    **{name: (lambda c=call: seconds(c, self.device)) for name, call in parts.items()}},
+                                   self.args.rounds)
             peak = statistics.median(values["peak"])
             rows = []
             for name in parts:
@@ -478,8 +484,8 @@ class Suite:
         extractor = build_backbone(config.backbone).extractor.to(self.device).optimize(config.inference.channels_last)
 
         def bare() -> float:
-            def run():
-                with torch.inference_mode(), autocast(self.device, self.precision):
+            def run():  # reusing freed memory as extraction does
+                with reused_memory(), torch.inference_mode(), autocast(self.device, self.precision):
                     for lo in range(0, len(images), 8):
                         extractor(images[lo:lo + 8].to(self.device))
             return len(images) / seconds(run, self.device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import resource
 import shutil
 
 import numpy as np
@@ -24,6 +26,7 @@ from effad_hpc.training import read_log, stage_folder, train
 from effad_hpc.training.artifacts import LAST_CHECKPOINT
 from effad_hpc.training.detector import untrained_detector
 from effad_hpc.training.targets import TARGETS_FILE
+from effad_hpc.utils import memory
 from tests.conftest import tiny_config
 from tests.test_training import SMALL_NETS
 
@@ -299,3 +302,37 @@ def test_a_norm_that_does_not_follow_its_convolution_is_left_unfolded():
         got = extractor.optimize(channels_last=True)(images)["block"]
     assert isinstance(model.block.norm, torch.nn.BatchNorm2d)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(memory._LIBC is None, reason="reused_memory sets glibc's malloc; a no-op elsewhere")
+def test_reused_memory_keeps_freed_batches_for_the_next_one_and_returns_them_afterwards():
+    """Outside the scope every 64 MiB tensor is faulted in page by page again; inside, once a few
+    have been freed, the next ones reuse their pages. Leaving the (outermost) scope gives them back."""
+    batch = torch.zeros(2**24)  # 64 MiB
+
+    def page_faults(tensors: int) -> int:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(tensors):
+            batch + 1  # a 64 MiB activation: written, then freed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+    outside = page_faults(4)
+    before = _resident_bytes()
+    with memory.reused_memory():
+        # malloc's 64-byte alignment asks a little more than the block freed last; a few more
+        # blocks later, the freed ones have merged into blocks that fit
+        page_faults(8)
+        with memory.reused_memory():
+            pass  # an inner scope ends: the outer one still keeps
+        inside = page_faults(4)
+        kept = _resident_bytes() - before
+    returned = _resident_bytes() - before
+    assert outside >= 4 * 2**26 // resource.getpagesize() // 2  # about one fault per page
+    assert inside < outside / 20
+    assert kept >= 2**26 * 0.9  # freed, and still with the process
+    assert returned < 2**26 * 0.5

@@ -80,6 +80,7 @@ from effad_hpc.training import STAGES, load_detector, read_log, read_record, rec
 from effad_hpc.training.artifacts import BEST_MODEL
 from effad_hpc.utils.atomic import atomic_write_json, exclusive_lock, remove_stale_temps
 from effad_hpc.utils.device import autocast, device_record, resolve_device
+from effad_hpc.utils.memory import reused_memory
 from effad_hpc.utils.provenance import code_version
 
 SCHEMA_VERSION = 1
@@ -155,18 +156,20 @@ def _full_size_maps(detector: AnomalyDetector, samples: Sequence[Sample], config
     loader = DataLoader(ImageDataset(samples, detector.image_size), batch_size=config.inference.batch_size,
                         num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
     task = progress.add_task(description, total=len(samples))
-    for batch in loader:
-        with autocast(device, config.run.precision):
-            grid, model_scores = detector.grid_output(batch["image"].to(device, non_blocking=True))
-        for row, index in enumerate(batch["index"].tolist()):
-            width, height = image_size(samples[index].path)
-            combined = detector.to_size({"combined": grid["combined"][row:row + 1]}, (height, width))["combined"]
-            teacher = grid["teacher"][row].float().cpu().numpy() if "teacher" in grid else None
-            score = float(model_scores[row] if model_scores is not None else image_scores(combined, detector.score)[0])
-            anomaly_map = combined[0].cpu().numpy()
-            _check_finite(anomaly_map, score, model, category, samples[index])
-            yield index, anomaly_map, score, teacher
-            progress.advance(task)
+    with reused_memory():
+        for batch in loader:
+            with autocast(device, config.run.precision):
+                grid, model_scores = detector.grid_output(batch["image"].to(device, non_blocking=True))
+            for row, index in enumerate(batch["index"].tolist()):
+                width, height = image_size(samples[index].path)
+                combined = detector.to_size({"combined": grid["combined"][row:row + 1]}, (height, width))["combined"]
+                teacher = grid["teacher"][row].float().cpu().numpy() if "teacher" in grid else None
+                score = float(model_scores[row] if model_scores is not None
+                              else image_scores(combined, detector.score)[0])
+                anomaly_map = combined[0].cpu().numpy()
+                _check_finite(anomaly_map, score, model, category, samples[index])
+                yield index, anomaly_map, score, teacher
+                progress.advance(task)
 
 
 def fit_thresholds(detector: AnomalyDetector, validation: Sequence[Sample], config: ExperimentConfig, model: str,
@@ -249,7 +252,7 @@ def time_inference(detector: AnomalyDetector, samples: Sequence[Sample], config:
     repeats = config.evaluation.latency_repeats
 
     def timed(batch: torch.Tensor) -> float:
-        with autocast(device, config.run.precision):
+        with reused_memory(), autocast(device, config.run.precision):
             for _ in range(3):
                 detector(batch)
             if device.type == "cuda":

@@ -30,6 +30,7 @@ from effad_hpc.training import MODELS
 from effad_hpc.training.detector import as_detector, model_input
 from effad_hpc.training.hooks import Validated, scoring
 from effad_hpc.utils.device import autocast, resolve_device
+from effad_hpc.utils.memory import reused_memory
 
 METRICS = ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc", "val_synthetic_au_pro")
 """What :meth:`SyntheticMaps.metrics` computes; ``val_synthetic_mean`` derives from them (:func:`objective_value`)."""
@@ -130,7 +131,7 @@ def _batched(compute, detector: AnomalyDetector, tensors: torch.Tensor, config: 
              device: torch.device) -> torch.Tensor | None:
     """``compute`` over ``tensors`` in inference batches, in eval mode, gathered on the CPU (None
     where it gives None: a model without a teacher)."""
-    with _eval_mode(detector), torch.no_grad():
+    with _eval_mode(detector), torch.no_grad(), reused_memory():
         parts = []
         for batch in tensors.split(config.inference.batch_size):
             with autocast(device, config.run.precision):

@@ -33,6 +33,7 @@ from effad_hpc.features.store import (
 )
 from effad_hpc.utils.atomic import write_failure
 from effad_hpc.utils.device import autocast, resolve_device
+from effad_hpc.utils.memory import reused_memory
 
 def feature_key(config: ExperimentConfig) -> str:
     """Hash of the settings that change the stored features (not compression, not sharding)."""
@@ -94,12 +95,13 @@ def _extract_shard(backbone: Backbone, loader: DataLoader, writer: ShardWriter, 
                    device: torch.device, precision: Precision, progress: Progress, task) -> None:
     np_dtype = writer.dtype
     # worker processes already decode ahead; without them, a thread does
-    for batch in loader if loader.num_workers > 0 else prefetched(loader):
-        with torch.no_grad(), autocast(device, precision):
-            features = backbone.extractor(batch["image"].to(device, non_blocking=True))
-        arrays = {name: f.float().contiguous().cpu().numpy().astype(np_dtype) for name, f in features.items()}
-        writer.write(arrays, [infos[i] for i in batch["index"].tolist()])
-        progress.advance(task, len(batch["index"]))
+    with reused_memory():
+        for batch in loader if loader.num_workers > 0 else prefetched(loader):
+            with torch.no_grad(), autocast(device, precision):
+                features = backbone.extractor(batch["image"].to(device, non_blocking=True))
+            arrays = {name: f.float().contiguous().cpu().numpy().astype(np_dtype) for name, f in features.items()}
+            writer.write(arrays, [infos[i] for i in batch["index"].tolist()])
+            progress.advance(task, len(batch["index"]))
 
 
 def extract_category(config: ExperimentConfig, category: str, shard: tuple[int, int] | None = None,

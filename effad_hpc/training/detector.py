@@ -18,6 +18,7 @@ from effad_hpc.models import AnomalyDetector
 from effad_hpc.training.artifacts import BEST_MODEL, load_state
 from effad_hpc.training.registry import completed_stage, recipe, stage_folder
 from effad_hpc.utils.device import autocast
+from effad_hpc.utils.memory import reused_memory
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ def predict(detector: AnomalyDetector, samples: Sequence[Sample], config: Experi
     """Batched inference over samples: yields (sample indices, detector output on the CPU)."""
     loader = DataLoader(ImageDataset(samples, detector.image_size), batch_size=config.inference.batch_size,
                         num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
-    for batch in loader:
-        with torch.inference_mode(), autocast(device, config.run.precision):
-            output = detector(batch["image"].to(device, non_blocking=True))
-        yield batch["index"].tolist(), {"maps": {k: v.float().cpu() for k, v in output["maps"].items()},
-                                        "score": output["score"].float().cpu()}
+    with reused_memory():
+        for batch in loader:
+            with torch.inference_mode(), autocast(device, config.run.precision):
+                output = detector(batch["image"].to(device, non_blocking=True))
+            yield batch["index"].tolist(), {"maps": {k: v.float().cpu() for k, v in output["maps"].items()},
+                                            "score": output["score"].float().cpu()}

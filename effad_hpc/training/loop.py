@@ -47,6 +47,7 @@ from effad_hpc.training.artifacts import (
 from effad_hpc.training.hooks import Validated, announce, rounds, scorer_installed
 from effad_hpc.training.sources import FeatureSource, PenaltyImages
 from effad_hpc.utils.device import autocast, grad_scaler
+from effad_hpc.utils.memory import reused_memory
 
 Objective = Callable[[torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]]
 
@@ -224,7 +225,7 @@ def fit(run: StageRun, show_progress: bool = True) -> StageRecord:
     stopped_early = _stops_early(history, patience)
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, disable=not show_progress) as progress:
+    with reused_memory(), Progress(*columns, disable=not show_progress) as progress:
         epochs_task = progress.add_task(f"{run.category} {run.stage} epochs", total=epochs, completed=epoch)
         batch_task = progress.add_task("  samples", total=run.source.size("train"))
         while epoch < epochs and not stopped_early:

@@ -1,1 +1,1 @@
-"""Small helpers shared by every layer: atomic file writes, device selection."""
+"""Small helpers shared by every layer: atomic file writes, device selection, memory reuse in loops."""
