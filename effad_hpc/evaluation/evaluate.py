@@ -156,20 +156,18 @@ def _full_size_maps(detector: AnomalyDetector, samples: Sequence[Sample], config
     loader = DataLoader(ImageDataset(samples, detector.image_size), batch_size=config.inference.batch_size,
                         num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
     task = progress.add_task(description, total=len(samples))
-    with reused_memory():
-        for batch in loader:
-            with autocast(device, config.run.precision):
-                grid, model_scores = detector.grid_output(batch["image"].to(device, non_blocking=True))
-            for row, index in enumerate(batch["index"].tolist()):
-                width, height = image_size(samples[index].path)
-                combined = detector.to_size({"combined": grid["combined"][row:row + 1]}, (height, width))["combined"]
-                teacher = grid["teacher"][row].float().cpu().numpy() if "teacher" in grid else None
-                score = float(model_scores[row] if model_scores is not None
-                              else image_scores(combined, detector.score)[0])
-                anomaly_map = combined[0].cpu().numpy()
-                _check_finite(anomaly_map, score, model, category, samples[index])
-                yield index, anomaly_map, score, teacher
-                progress.advance(task)
+    for batch in loader:
+        with autocast(device, config.run.precision):
+            grid, model_scores = detector.grid_output(batch["image"].to(device, non_blocking=True))
+        for row, index in enumerate(batch["index"].tolist()):
+            width, height = image_size(samples[index].path)
+            combined = detector.to_size({"combined": grid["combined"][row:row + 1]}, (height, width))["combined"]
+            teacher = grid["teacher"][row].float().cpu().numpy() if "teacher" in grid else None
+            score = float(model_scores[row] if model_scores is not None else image_scores(combined, detector.score)[0])
+            anomaly_map = combined[0].cpu().numpy()
+            _check_finite(anomaly_map, score, model, category, samples[index])
+            yield index, anomaly_map, score, teacher
+            progress.advance(task)
 
 
 def fit_thresholds(detector: AnomalyDetector, validation: Sequence[Sample], config: ExperimentConfig, model: str,
@@ -178,9 +176,10 @@ def fit_thresholds(detector: AnomalyDetector, validation: Sequence[Sample], conf
     rng = np.random.default_rng(config.seed)
     scores, pixels = [], []
     maps = _full_size_maps(detector, validation, config, model, category, device, progress, "validation")
-    for _, anomaly_map, score, _ in maps:
-        scores.append(score)
-        pixels.append(sample_pixels(anomaly_map, VALIDATION_PIXELS_PER_IMAGE, rng))
+    with reused_memory():
+        for _, anomaly_map, score, _ in maps:
+            scores.append(score)
+            pixels.append(sample_pixels(anomaly_map, VALIDATION_PIXELS_PER_IMAGE, rng))
     return Thresholds(float(np.quantile(scores, config.evaluation.image_threshold_quantile)),
                       float(np.quantile(np.concatenate(pixels), config.evaluation.pixel_threshold_quantile)),
                       len(scores))
@@ -195,15 +194,16 @@ def predict_test(detector: AnomalyDetector, test: Sequence[Sample], config: Expe
     rng = np.random.default_rng(config.seed)
     pixels_per_map = -(-QUANTILE_SAMPLE_PER_BIN * config.evaluation.bins // max(len(test), 1))
     pixel_sample = []
-    for index, anomaly_map, score, teacher in _full_size_maps(detector, test, config, model, category, device,
-                                                              progress, "test"):
-        outputs.write_map(sample_output(config, model, "maps", category, test[index], ".tiff"), anomaly_map)
-        scores[index] = score
-        low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
-        pixel_sample.append(sample_pixels(anomaly_map, pixels_per_map, rng))
-        if teacher is not None:
-            has_teacher = True
-            teacher_mean[index], teacher_max[index] = teacher.mean(), teacher.max()
+    maps = _full_size_maps(detector, test, config, model, category, device, progress, "test")
+    with reused_memory():
+        for index, anomaly_map, score, teacher in maps:
+            outputs.write_map(sample_output(config, model, "maps", category, test[index], ".tiff"), anomaly_map)
+            scores[index] = score
+            low, high = min(low, float(anomaly_map.min())), max(high, float(anomaly_map.max()))
+            pixel_sample.append(sample_pixels(anomaly_map, pixels_per_map, rng))
+            if teacher is not None:
+                has_teacher = True
+                teacher_mean[index], teacher_max[index] = teacher.mean(), teacher.max()
     return TestPredictions(scores, teacher_mean if has_teacher else None, teacher_max if has_teacher else None,
                            low, high, np.concatenate(pixel_sample) if pixel_sample else np.zeros(0, np.float32))
 
@@ -262,7 +262,7 @@ def time_inference(detector: AnomalyDetector, samples: Sequence[Sample], config:
                 detector(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / repeats
+            return (time.perf_counter() - start) / repeats  # before the scope hands its memory back
 
     return 1000 * timed(images[:1]), batch_size / timed(images)
 

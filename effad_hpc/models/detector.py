@@ -68,10 +68,11 @@ class AnomalyDetector(nn.Module):
 
     def optimize(self, channels_last: bool = True, compile: bool = False) -> AnomalyDetector:
         """For inference with fixed weights: convolutions in the NHWC layout (``channels_last``), the
-        backbone's batch norms folded into its convolutions and its "same" padding done by them
-        (:meth:`FeatureExtractor.optimize`), and the backbone and the model's maps
-        compiled by ``torch.compile`` with the weights frozen into the graph (``compile``; the
-        weights must not change afterwards)."""
+        backbone's batch norms folded into its convolutions, its "same" padding done by them and
+        its squeeze-excitation gates applied to the weights after them
+        (:meth:`FeatureExtractor.optimize`), and the backbone and the model's maps compiled by
+        ``torch.compile`` with the weights frozen into the graph (``compile``; the weights must not
+        change afterwards)."""
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
         if self.extractor is not None:

@@ -98,7 +98,9 @@ def untrained_detector(config: ExperimentConfig, model_name: str, train_images: 
 
 def predict(detector: AnomalyDetector, samples: Sequence[Sample], config: ExperimentConfig,
             device: torch.device) -> Iterator[tuple[list[int], dict]]:
-    """Batched inference over samples: yields (sample indices, detector output on the CPU)."""
+    """Batched inference over samples: yields (sample indices, detector output on the CPU). Until
+    the iteration ends, freed memory is kept for the next batch (:func:`reused_memory`), also for
+    what the caller does between batches."""
     loader = DataLoader(ImageDataset(samples, detector.image_size), batch_size=config.inference.batch_size,
                         num_workers=config.features.num_workers, pin_memory=device.type == "cuda")
     with reused_memory():

@@ -106,8 +106,8 @@ class StoredFeatures(FeatureSource):
 
 class BackboneFeatures:
     """The frozen backbone (always in eval mode) as a function: images in [0, 1] -> prepared features,
-    computed as extraction computes the stored ones (folded batch norms, ``inference.channels_last``)
-    so that training on either source gives the same model."""
+    computed as extraction computes the stored ones (:meth:`FeatureExtractor.optimize`,
+    ``inference.channels_last``) so that training on either source gives the same model."""
 
     def __init__(self, config: ExperimentConfig, device: torch.device, backbone: Backbone | None = None,
                  layers: Sequence[str] | None = None, preparation: Preparation = "coarsest"):

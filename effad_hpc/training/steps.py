@@ -47,6 +47,7 @@ from effad_hpc.training.loop import (
     seeded_generator,
 )
 from effad_hpc.utils.device import autocast, grad_scaler
+from effad_hpc.utils.memory import reused_memory
 
 StepLosses = Callable[[int, torch.Generator], dict[str, torch.Tensor]]
 """``losses(step, generator)``: one training step's losses (with a ``total``); its random choices
@@ -113,7 +114,7 @@ def fit_steps(run: StepRun, show_progress: bool = True) -> StageRecord:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     sums: dict[str, torch.Tensor] = {}
     started = time.monotonic()
-    with Progress(*columns, disable=not show_progress) as progress:
+    with reused_memory(), Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task(f"{run.category} {run.stage} steps", total=run.steps, completed=step)
         while step < run.steps:
             run.model.train()
