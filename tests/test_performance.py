@@ -267,7 +267,8 @@ def _gated_b0() -> tuple[FeatureExtractor, FeatureExtractor, int]:
 def test_squeeze_excitation_gates_in_the_projection_weights_give_the_same_features(channels_last):
     """optimize() on an EfficientNet with squeeze-excitation moves every block's gate into the
     weights of the 1x1 projection after it, and gives the features of the backbone as built at
-    batch 1 (a convolution with gated weights) and batch 3 (a batched matrix product), in both layouts."""
+    batch 1 (a convolution with gated weights) and batch 3 (NHWC: a batched matrix product; NCHW:
+    the gate on the input, as timm computes it), in both layouts."""
     from effad_hpc.features.backbones import GatedProjection
 
     reference, optimized, excitations = _gated_b0()

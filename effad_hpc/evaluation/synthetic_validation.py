@@ -108,8 +108,8 @@ def with_teacher_outputs(detector: AnomalyDetector, inputs: ScoringInputs, confi
     """``inputs`` with the outputs of the detector's frozen teacher (``inputs`` as they are for a
     model without one). A stage scores every validation pass, and its model's teacher does not
     change while it trains: its flow is half of the hybrid's pass at 16 x 16. Kept on the CPU, in
-    the precision the teacher gives (float32 but for a PDN under AMP): 12 MB for EfficientAD-AST at 16 x 16, 0.5 GB for
-    EfficientAD at 256 px in float32."""
+    the precision the teacher gives (float32 but for a PDN under AMP): 12 MB for EfficientAD-AST at
+    16 x 16, 0.5 GB for EfficientAD at 256 px in float32."""
     clean = _teacher_outputs(detector, inputs.clean, config, device)
     if clean is None:
         return inputs

@@ -77,8 +77,8 @@ class FeatureExtractor(nn.Module):
         image against the forward as built, then the NHWC layout when ``channels_last``, in which
         the features come out. Lite0 at 256 px on a CPU: 1.8x against NCHW for the layout and the
         folding (1.25x of it is the folding: a batch norm over NHWC is a slow pass), and 1.6x more
-        from the padding; B5 at 768 px: 1.08x from the padding and 1.17x more from the gates (Lite0 has
-        none)."""
+        from the padding; B5 at 768 px: 1.08x from the padding and 1.17x more from the gates
+        (Lite0 has none)."""
         # two images: a rewrite may take another path for a batch (gate_projections does)
         probe = torch.rand(2, 3, PROBE_SIZE, PROBE_SIZE, generator=torch.Generator().manual_seed(0))
         probe = probe.to(self.mean.device)
@@ -193,17 +193,15 @@ class GatedProjection(nn.Module):
         weight, bias = self.conv.weight, self.conv.bias
         if x.shape[0] == 1:
             return nn.functional.conv2d(x, weight * gate.view(1, -1, 1, 1), bias)
-        # each image its own weights: a batched matrix product over the pixels, in x's layout
+        if not x.is_contiguous(memory_format=torch.channels_last):  # an NCHW batch: as timm computes it
+            return nn.functional.conv2d(x * gate, weight, bias)
+        # each image its own weights: a batched matrix product over the NHWC pixels
         batch, channels, height, width = x.shape
         weights = weight.view(1, -1, channels) * gate.view(batch, 1, channels)  # (B, out, in)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-            out = pixels @ weights.transpose(1, 2) if bias is None else torch.baddbmm(bias, pixels,
-                                                                                         weights.transpose(1, 2))
-            return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
-        pixels = x.reshape(batch, channels, height * width)
-        out = weights @ pixels if bias is None else torch.baddbmm(bias.view(-1, 1), weights, pixels)
-        return out.view(batch, -1, height, width)
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        out = torch.bmm(pixels, weights.transpose(1, 2)) if bias is None else torch.baddbmm(
+            bias, pixels, weights.transpose(1, 2))
+        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
 def gate_projections(model: nn.Module) -> Callable[[], None]:
